@@ -1,0 +1,43 @@
+"""parfn: parallelism as easy as a decorator.
+
+>>> from parfn import parallel
+>>> @parallel
+... def square(x):
+...     return x * x
+>>> square(3)
+9
+
+``square.apply(3)`` runs it in a worker process, ``square.spawn(3)`` returns a
+:class:`Task` at once, ``square.map(range(10))`` runs it on every item in
+parallel. ``with parfn.Pool(4): ...`` scopes a pool of four workers.
+"""
+
+from ._decorator import Parallel as Parallel
+from ._decorator import parallel as parallel
+from ._errors import ParfnError as ParfnError
+from ._errors import PoolClosed as PoolClosed
+from ._errors import RemoteError as RemoteError
+from ._errors import SerializationError as SerializationError
+from ._errors import TaskTimeout as TaskTimeout
+from ._errors import WorkerCrashed as WorkerCrashed
+from ._pool import Pool as Pool
+from ._runtime import in_worker as in_worker
+from ._runtime import shutdown as shutdown
+from ._task import Task as Task
+
+__all__ = (
+    "Parallel",
+    "ParfnError",
+    "Pool",
+    "PoolClosed",
+    "RemoteError",
+    "SerializationError",
+    "Task",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "in_worker",
+    "parallel",
+    "shutdown",
+)
+
+__version__ = "0.1.0"

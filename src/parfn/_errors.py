@@ -1,0 +1,118 @@
+"""Every error parfn raises. This module imports nothing else from parfn.
+
+The tree::
+
+    ParfnError
+    ├── RemoteError          the task raised an exception that could not travel back
+    ├── SerializationError   an argument or a result could not be pickled (also pickle.PicklingError)
+    ├── WorkerCrashed        the worker running the task died (also BrokenProcessPool)
+    ├── TaskTimeout          the task ran past its timeout (also TimeoutError)
+    └── PoolClosed           the pool was used after its shutdown
+
+An exception raised by the user's own function is not wrapped: it comes back as
+itself, with the worker's traceback text attached as its ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = (
+    "ParfnError",
+    "PoolClosed",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskTimeout",
+    "WorkerCrashed",
+)
+
+
+class ParfnError(Exception):
+    """Base class of every error parfn itself raises."""
+
+
+class RemoteError(ParfnError):
+    """The task raised an exception that could not be sent back as itself.
+
+    Raised in place of the original exception when that exception cannot be
+    pickled in the worker or unpickled in the caller (for example an exception
+    class whose ``__init__`` takes arguments it does not pass to ``Exception``).
+    The original's type name, message and traceback text are kept::
+
+        except parfn.RemoteError as e:
+            print(e.type_name, e.message)
+            print(e.traceback)
+
+    Unlike :class:`WorkerCrashed`, the worker is alive and well.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str, reason: str = "") -> None:
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.reason = reason
+        super().__init__(type_name, message, traceback, reason)
+
+    def __str__(self) -> str:
+        text = f"{self.type_name}: {self.message}"
+        if self.reason:
+            text += f" (the exception could not be sent back as itself: {self.reason})"
+        return text
+
+
+class SerializationError(ParfnError, pickle.PicklingError):
+    """An argument or a result could not be pickled or unpickled.
+
+    The message says which (``argument 2``, ``keyword argument 'f'``, ``the
+    result``), of what type, and why. Only the task it hit fails; the pool and
+    its workers are unaffected. Also a :class:`pickle.PicklingError`, so code that
+    already catches that keeps working.
+    """
+
+
+class WorkerCrashed(ParfnError, BrokenProcessPool):
+    """The worker process running the task died before it could answer.
+
+    A signal (SIGKILL is often the out-of-memory killer), ``os._exit`` or a
+    segfault in native code. Only the task that was running fails; the worker is
+    replaced and every other task goes on. Also a
+    :class:`concurrent.futures.process.BrokenProcessPool`, so code written for
+    ``ProcessPoolExecutor`` still catches it, but a parfn pool never becomes
+    broken. Compare :class:`PoolClosed` (you shut the pool down).
+    """
+
+    def __init__(self, message: str, exitcode: int | None = None) -> None:
+        self.exitcode = exitcode
+        super().__init__(message)
+
+
+class TaskTimeout(ParfnError, TimeoutError):
+    """The task ran longer than its ``timeout`` option.
+
+    The worker running it was ended and replaced (process backend), so the task
+    did not go on in the background. Also a :class:`TimeoutError`. Waiting with
+    ``task.result(timeout=...)`` raises a plain ``TimeoutError`` instead, and
+    the task goes on.
+    """
+
+
+class PoolClosed(ParfnError, RuntimeError):
+    """The pool was used after it was shut down (by you, or at interpreter exit).
+
+    Compare :class:`WorkerCrashed` (a worker died; the pool keeps working).
+    Start a new pool, or call the decorated function outside the closed
+    ``with`` block to use the default pool.
+    """
+
+
+class RemoteTraceback(Exception):
+    """The worker's traceback text, attached as ``__cause__`` of a remote exception."""
+
+    def __init__(self, tb: str) -> None:
+        self.tb = tb
+        super().__init__(tb)
+
+    def __str__(self) -> str:
+        return self.tb

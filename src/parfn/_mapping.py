@@ -1,0 +1,187 @@
+"""The map engine behind ``map``, ``starmap``, ``imap`` and ``imap_unordered``.
+
+It pulls items from the input a bounded window ahead, groups them into
+chunks (Jobs), submits them to the backend, and gives the outcomes back in
+input order or as they complete. Every item keeps its own outcome, whatever
+the chunk size: one failing, crashing or timed-out item fails alone.
+
+Chunk size, when not given: the first chunks hold one item, to measure how
+long an item takes; later chunks hold about ``TARGET_CHUNK_SECONDS`` of work,
+and never more than a quarter of a worker's share of a known input, so the
+work spreads evenly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError
+from typing import Any
+
+from ._progress import open_progress
+from .backends._base import Backend, Item, Job, Options
+
+__all__ = ("MapRun",)
+
+TARGET_CHUNK_SECONDS = 0.02
+MAX_CHUNK_UNKNOWN_LENGTH = 4096
+"""The largest chunk pulled from an input of unknown length (bounds memory)."""
+
+
+class _Chunk:
+    """One chunk of a map: the Sink of its Job."""
+
+    __slots__ = ("errors", "first", "job", "remaining", "run", "values")
+
+    def __init__(self, run: MapRun, first: int, n: int) -> None:
+        self.run = run
+        self.first = first  # index of its first item in the whole input
+        self.values: list[Any] = [None] * n
+        self.errors: dict[int, BaseException] = {}
+        self.remaining = n
+        self.job: Job | None = None
+
+    def start(self) -> bool:
+        return not self.run.abandoned
+
+    def deliver(
+        self, lo: int, values: Sequence[Any], errors: dict[int, BaseException], elapsed: float
+    ) -> None:
+        self.run.inbox.put((self, lo, values, errors, elapsed))
+
+
+class MapRun:
+    """One call of a map: iterate it for ``(index, value, error)`` triples."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        fn: Callable[..., Any],
+        options: Options,
+        items: Iterator[Item],
+        total: int | None,
+        *,
+        ordered: bool,
+        chunksize: int | None,
+        progress: object,
+        desc: str,
+    ) -> None:
+        if chunksize is not None and (
+            isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
+        ):
+            raise ValueError(f"chunksize must be an int >= 1 or None, not {chunksize!r}")
+        self.backend = backend
+        self.fn = fn
+        self.options = options
+        self.items = items
+        self.total = total
+        self.ordered = ordered
+        self.chunksize = chunksize
+        self.bar = open_progress(progress, total, desc)
+        self.inbox: queue.SimpleQueue[tuple[_Chunk, int, Sequence[Any], dict[int, BaseException], float]] = (
+            queue.SimpleQueue()
+        )
+        self.abandoned = False
+        self.window = 2 * max(1, backend.workers)
+        self.per_item: float | None = None
+        self.pulled = 0
+        self.exhausted = False
+
+    def __iter__(self) -> Iterator[tuple[int, Any, BaseException | None]]:
+        outstanding: list[_Chunk] = []  # submitted, not yet fully yielded, in input order
+        interrupted = False
+        try:
+            while True:
+                while not self.exhausted and len(outstanding) < self.window:
+                    chunk = self._submit_next()
+                    if chunk is not None:
+                        outstanding.append(chunk)
+                if not outstanding:
+                    return
+                chunk, lo, values, errors, elapsed = self.inbox.get()
+                self._record(chunk, lo, values, errors, elapsed)
+                if self.ordered:
+                    while outstanding and outstanding[0].remaining == 0:
+                        done = outstanding.pop(0)
+                        yield from self._outcomes(done, 0, len(done.values))
+                else:
+                    yield from self._outcomes(chunk, lo, lo + len(values))
+                    if chunk.remaining == 0:
+                        outstanding.remove(chunk)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            self.abandoned = True
+            if interrupted:
+                for chunk in outstanding:
+                    if chunk.job is not None and chunk.remaining:
+                        self.backend.cancel(chunk.job)
+            if self.bar is not None:
+                self.bar.close()
+
+    def _submit_next(self) -> _Chunk | None:
+        size = self._next_size()
+        batch = list(itertools.islice(self.items, size))
+        if len(batch) < size:
+            self.exhausted = True
+        if not batch:
+            return None
+        chunk = _Chunk(self, self.pulled, len(batch))
+        self.pulled += len(batch)
+        chunk.job = Job(self.fn, batch, self.options, chunk)
+        try:
+            self.backend.submit(chunk.job)
+        except Exception as exc:
+            if not (len(batch) == 1 and _is_item_error(exc)):
+                raise
+            chunk.deliver(0, [None], {0: exc}, 0.0)
+        return chunk
+
+    def _next_size(self) -> int:
+        if self.chunksize is not None:
+            return self.chunksize
+        if self.per_item is None:
+            return 1
+        if self.total is not None:
+            cap = max(1, math.ceil((self.total - self.pulled) / (4 * max(1, self.backend.workers))))
+        else:
+            cap = MAX_CHUNK_UNKNOWN_LENGTH
+        return max(1, min(cap, int(TARGET_CHUNK_SECONDS / max(self.per_item, 1e-7))))
+
+    def _record(
+        self,
+        chunk: _Chunk,
+        lo: int,
+        values: Sequence[Any],
+        errors: dict[int, BaseException],
+        elapsed: float,
+    ) -> None:
+        n = len(values)
+        chunk.values[lo : lo + n] = values
+        if errors:
+            chunk.errors.update(errors)
+        chunk.remaining -= n
+        if elapsed > 0 and n:
+            per_item = elapsed / n
+            self.per_item = per_item if self.per_item is None else 0.5 * (self.per_item + per_item)
+        if self.bar is not None:
+            self.bar.update(n)
+
+    @staticmethod
+    def _outcomes(chunk: _Chunk, lo: int, hi: int) -> Iterator[tuple[int, Any, BaseException | None]]:
+        errors = chunk.errors
+        first = chunk.first
+        values = chunk.values
+        for i in range(lo, hi):
+            yield first + i, values[i], errors.get(i)
+        if chunk.remaining == 0:
+            chunk.values = []  # let the results go once yielded
+
+
+def _is_item_error(exc: BaseException) -> bool:
+    from ._errors import SerializationError
+
+    return isinstance(exc, (SerializationError, CancelledError))

@@ -1,0 +1,416 @@
+"""``parfn.Pool``: the front end every call goes through, whatever the backend.
+
+It checks arguments in the caller, wraps single calls as Tasks and maps as a
+MapRun, and hands Jobs to its backend (``backends``). A ``with`` block makes
+it the current pool of this context (``_runtime``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, InvalidStateError
+from concurrent.futures._base import RUNNING
+from types import TracebackType
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from . import _runtime
+from ._errors import PoolClosed
+from ._mapping import MapRun
+from ._task import Task
+from .backends import BACKENDS, load
+from .backends._base import Backend, Item, Job, Options
+
+__all__ = ("Pool",)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_NO_KWARGS: dict[str, Any] = {}
+_START_METHODS = ("fork", "forkserver", "spawn")
+
+
+class _TaskSink:
+    """Connects a one-item Job to its Task."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: Task[Any]) -> None:
+        self.task = task
+
+    def start(self) -> bool:
+        task = self.task
+        with task._condition:
+            if task._state == RUNNING:
+                return True
+            if task.cancelled():
+                return False
+        return task.set_running_or_notify_cancel()
+
+    def deliver(
+        self, lo: int, values: Any, errors: dict[int, BaseException], elapsed: float
+    ) -> None:
+        task = self.task
+        error = errors.get(lo)
+        try:
+            if error is None:
+                task.set_result(values[0])
+            elif isinstance(error, CancelledError):
+                task._cancel_from_pool()
+            else:
+                task.set_exception(error)
+        except InvalidStateError:
+            pass  # cancelled meanwhile: the outcome has nowhere to go
+
+
+def _unwrap(fn: Any) -> tuple[Callable[..., Any], Options]:
+    """The plain function and options of ``fn`` (a Parallel keeps its options)."""
+    options = getattr(fn, "_parfn_options", None)
+    if options is not None:
+        return fn.__wrapped__, options
+    if not callable(fn):
+        raise TypeError(f"expected a function to run, not {type(fn).__name__} {fn!r}")
+    return fn, Options()
+
+
+_signatures: weakref.WeakKeyDictionary[Any, inspect.Signature | None] = weakref.WeakKeyDictionary()
+
+
+def _check_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise the TypeError a call with these arguments would, before sending it."""
+    try:
+        sig = _signatures[fn]
+    except (KeyError, TypeError):
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            sig = None
+        try:
+            _signatures[fn] = sig
+        except TypeError:
+            pass  # not weak-referenceable (a builtin): check it each time
+    if sig is not None:
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+            raise TypeError(f"{name}() {exc}") from None
+
+
+class Pool:
+    """A pool of workers: processes (default), threads, the caller, or a Dask cluster.
+
+    >>> import parfn
+    >>> with parfn.Pool(2, backend="thread") as pool:
+    ...     pool.map(abs, [-1, -2, 3])
+    [1, 2, 3]
+
+    Inside the ``with`` block, decorated functions run on this pool. Leaving
+    the block normally waits for every submitted task; leaving it by an
+    exception (Ctrl-C included) cancels queued tasks and ends running ones.
+
+    ``workers``: how many (default: the CPUs this process may use).
+    ``backend``: ``"process"``, ``"thread"``, ``"serial"`` or ``"dask"``.
+    ``start_method``: ``"forkserver"`` (default on Linux), ``"spawn"`` or
+    ``"fork"``, for the process backend. ``max_tasks_per_worker``: replace a
+    worker process after it ran this many items. ``initializer(*initargs)``
+    runs once in each worker as it starts. Other keywords go to the backend
+    (``address=`` and ``client=`` for Dask).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        backend: str = "process",
+        start_method: str | None = None,
+        max_tasks_per_worker: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        **backend_options: Any,
+    ) -> None:
+        if workers is not None and (
+            isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+        ):
+            raise ValueError(f"workers must be an int >= 1 or None (all CPUs), not {workers!r}")
+        if backend not in BACKENDS:
+            allowed = ", ".join(repr(b) for b in BACKENDS)
+            raise ValueError(f"unknown backend {backend!r}; choose one of {allowed}")
+        options = dict(backend_options)
+        if start_method is not None:
+            if start_method not in _START_METHODS:
+                allowed = ", ".join(repr(m) for m in _START_METHODS)
+                raise ValueError(f"unknown start method {start_method!r}; choose one of {allowed}")
+            if backend != "process":
+                raise ValueError("start_method applies to the process backend only")
+            options["start_method"] = start_method
+        if max_tasks_per_worker is not None:
+            if backend != "process":
+                raise ValueError("max_tasks_per_worker applies to the process backend only")
+            options["max_tasks_per_worker"] = max_tasks_per_worker
+        if initializer is not None:
+            if not callable(initializer):
+                raise TypeError(f"initializer must be callable, not {initializer!r}")
+            options["initializer"] = initializer
+            options["initargs"] = tuple(initargs)
+        self.backend_name = backend
+        self._backend: Backend = load(backend, workers, **options)
+        self._closed = False
+        self._tokens: list[Any] = []
+        self._lock = threading.Lock()
+
+    @property
+    def workers(self) -> int:
+        """How many items this pool runs at once."""
+        return self._backend.workers
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<parfn.Pool {self.backend_name} workers={self.workers} {state}>"
+
+    # -- with --------------------------------------------------------------------------
+
+    def __enter__(self) -> Pool:
+        self._tokens.append(_runtime.enter(self))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _runtime.leave(self._tokens.pop())
+        if not self._tokens:
+            self.shutdown(wait=True, cancel_pending=exc_type is not None)
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Stop the pool; with ``wait``, after every submitted task has finished.
+
+        ``cancel_pending=True`` drops queued tasks (they raise
+        ``CancelledError``) and ends running ones at once. A second call does
+        nothing. Using the pool afterwards raises :class:`parfn.PoolClosed`.
+        """
+        with self._lock:
+            if self._closed and not cancel_pending:
+                return
+            self._closed = True
+        self._backend.shutdown(wait, cancel_pending)
+
+    def _check_open(self) -> Backend:
+        if self._closed:
+            raise PoolClosed(f"{self!r} is shut down; start a new pool to run more tasks")
+        return self._backend
+
+    # -- single calls ----------------------------------------------------------------
+
+    def spawn(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
+        """Submit ``fn(*args, **kwargs)`` and return its :class:`Task` at once."""
+        backend = self._check_open()
+        plain, options = _unwrap(fn)
+        _check_call(plain, args, kwargs)
+        task: Task[R] = Task()
+        job = Job(plain, [(args, kwargs or _NO_KWARGS)], options, _TaskSink(task))
+        backend.submit(job)
+        if backend.can_stop_running:
+            task._stop = lambda: backend.cancel(job)
+        return task
+
+    def apply(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn(*args, **kwargs)`` on a worker and wait for its result."""
+        task = self.spawn(fn, *args, **kwargs)
+        try:
+            return task.result()
+        except KeyboardInterrupt:
+            task.cancel()
+            raise
+
+    # -- maps ----------------------------------------------------------------------------
+
+    def _run(
+        self,
+        fn: Callable[..., Any],
+        items: Iterator[Item],
+        total: int | None,
+        *,
+        ordered: bool,
+        chunksize: int | None,
+        progress: object,
+    ) -> MapRun:
+        backend = self._check_open()
+        plain, options = _unwrap(fn)
+        items = _checked_first(plain, items)
+        name = getattr(plain, "__name__", "map")
+        return MapRun(
+            backend,
+            plain,
+            options,
+            items,
+            total,
+            ordered=ordered,
+            chunksize=chunksize,
+            progress=progress,
+            desc=name,
+        )
+
+    @overload
+    def map(
+        self,
+        fn: Callable[..., R],
+        /,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        progress: object = False,
+        return_exceptions: Literal[False] = False,
+    ) -> list[R]: ...
+
+    @overload
+    def map(
+        self,
+        fn: Callable[..., R],
+        /,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        progress: object = False,
+        return_exceptions: bool,
+    ) -> list[R | BaseException]: ...
+
+    def map(
+        self,
+        fn: Callable[..., R],
+        /,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        progress: object = False,
+        return_exceptions: bool = False,
+    ) -> list[R] | list[R | BaseException]:
+        """``fn`` on every item, in parallel; a list in input order.
+
+        Several iterables zip as in the builtin ``map``. With
+        ``return_exceptions=True`` a failed item's exception stands in its
+        place and every other result is kept.
+        """
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        args = list(zip(*iterables))
+        items = ((a, _NO_KWARGS) for a in args)
+        return self._collect(fn, items, len(args), chunksize, progress, return_exceptions)
+
+    @overload
+    def starmap(
+        self,
+        fn: Callable[..., R],
+        iterable: Iterable[Iterable[Any]],
+        /,
+        *,
+        chunksize: int | None = None,
+        progress: object = False,
+        return_exceptions: Literal[False] = False,
+    ) -> list[R]: ...
+
+    @overload
+    def starmap(
+        self,
+        fn: Callable[..., R],
+        iterable: Iterable[Iterable[Any]],
+        /,
+        *,
+        chunksize: int | None = None,
+        progress: object = False,
+        return_exceptions: bool,
+    ) -> list[R | BaseException]: ...
+
+    def starmap(
+        self,
+        fn: Callable[..., R],
+        iterable: Iterable[Iterable[Any]],
+        /,
+        *,
+        chunksize: int | None = None,
+        progress: object = False,
+        return_exceptions: bool = False,
+    ) -> list[R] | list[R | BaseException]:
+        """``fn(*args)`` for each tuple of ``iterable``; a list in input order."""
+        args = [tuple(a) for a in iterable]
+        items = ((a, _NO_KWARGS) for a in args)
+        return self._collect(fn, items, len(args), chunksize, progress, return_exceptions)
+
+    def _collect(
+        self,
+        fn: Callable[..., R],
+        items: Iterator[Item],
+        total: int,
+        chunksize: int | None,
+        progress: object,
+        return_exceptions: bool,
+    ) -> list[Any]:
+        run = self._run(fn, items, total, ordered=True, chunksize=chunksize, progress=progress)
+        results: list[Any] = []
+        append = results.append
+        for _, value, error in run:
+            if error is None:
+                append(value)
+            elif return_exceptions:
+                append(error)
+            else:
+                raise error
+        return results
+
+    def imap(
+        self,
+        fn: Callable[..., R],
+        /,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        progress: object = False,
+    ) -> Iterator[R]:
+        """Lazy ``map``, in input order, reading input a bounded window ahead.
+
+        An endless generator works. An item's exception is raised when the
+        iteration reaches it.
+        """
+        if not iterables:
+            raise TypeError("imap() needs at least one iterable")
+        items = ((a, _NO_KWARGS) for a in zip(*iterables))
+        run = self._run(fn, items, _length(iterables), ordered=True, chunksize=chunksize, progress=progress)
+        return _values(run)
+
+    def imap_unordered(
+        self,
+        fn: Callable[..., R],
+        /,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        progress: object = False,
+    ) -> Iterator[R]:
+        """Lazy ``map`` in completion order, reading input a bounded window ahead."""
+        if not iterables:
+            raise TypeError("imap_unordered() needs at least one iterable")
+        items = ((a, _NO_KWARGS) for a in zip(*iterables))
+        run = self._run(fn, items, _length(iterables), ordered=False, chunksize=chunksize, progress=progress)
+        return _values(run)
+
+
+def _values(run: MapRun) -> Iterator[Any]:
+    for _, value, error in run:
+        if error is not None:
+            raise error
+        yield value
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _checked_first(fn: Callable[..., Any], items: Iterator[Item]) -> Iterator[Item]:
+    """Check the first item's arguments against ``fn``'s signature, now."""
+    for first in items:
+        _check_call(fn, *first)
+        return itertools.chain((first,), items)
+    return items

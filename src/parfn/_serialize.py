@@ -1,0 +1,224 @@
+"""Serialization: what travels between the caller and a worker, and how.
+
+* Data (arguments, results): pickle protocol 5, the fast C pickler. When that
+  fails (a lambda, a local class) or the bytes name ``__main__`` (which a
+  worker may not be able to import), cloudpickle instead, which sends such
+  things by value.
+* Functions: an importable module-level function travels by reference (the
+  worker imports it, and unwraps it if it is a ``Parallel``); lambdas,
+  closures and functions of ``__main__`` or a notebook travel by value with
+  cloudpickle.
+* Exceptions: wrapped in an :class:`ExceptionEnvelope` that carries the
+  worker's traceback text and falls back to :class:`RemoteError` when the
+  exception itself cannot make the trip.
+
+cloudpickle is imported on first need, to keep ``import parfn`` cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import sys
+import traceback
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from ._errors import RemoteError, RemoteTraceback, SerializationError
+
+__all__ = (
+    "ExceptionEnvelope",
+    "dump_function",
+    "dumps",
+    "load_function",
+    "loads",
+    "wrap_exception",
+)
+
+PROTOCOL = 5
+_MAIN = b"__main__"
+
+
+def _cloudpickle() -> Any:
+    import cloudpickle
+
+    return cloudpickle
+
+
+def dumps(obj: Any, what: str = "the value") -> bytes:
+    """Pickle ``obj``; ``what`` names it in the error ("argument 1", "the result").
+
+    Raises :class:`SerializationError` saying what could not be pickled and why.
+    """
+    try:
+        data = pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        data = None
+    if data is None or _MAIN in data:
+        try:
+            data = _cloudpickle().dumps(obj, PROTOCOL)
+        except Exception as exc:
+            raise SerializationError(_cannot_pickle(obj, what, exc)) from exc
+    return data
+
+
+def loads(data: bytes | memoryview, what: str = "the value") -> Any:
+    """Unpickle ``data``; a failure becomes :class:`SerializationError`."""
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise SerializationError(f"{what} could not be unpickled here: {exc!r}") from exc
+
+
+def _cannot_pickle(obj: Any, what: str, exc: BaseException) -> str:
+    kind = type(obj).__qualname__
+    return (
+        f"{what} (of type {kind}) cannot be pickled: {exc}. "
+        "Pass something picklable instead (plain data, or what it is built from, "
+        "and build the object inside the function), or give its class "
+        "__getstate__/__reduce__."
+    )
+
+
+def describe_item_error(args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException) -> str:
+    """Find which argument of one call cannot be pickled, and say so."""
+    for i, value in enumerate(args, 1):
+        try:
+            dumps(value)
+        except SerializationError as err:
+            return str(err).replace("the value", f"argument {i}", 1)
+    for key, value in kwargs.items():
+        try:
+            dumps(value)
+        except SerializationError as err:
+            return str(err).replace("the value", f"keyword argument {key!r}", 1)
+    return f"the arguments cannot be pickled: {exc}"
+
+
+# -- functions --------------------------------------------------------------
+
+
+class _FunctionRef:
+    """A module-level function, sent as its import path."""
+
+    __slots__ = ("module", "qualname")
+
+    def __init__(self, module: str, qualname: str) -> None:
+        self.module = module
+        self.qualname = qualname
+
+
+def _importable(fn: Any) -> _FunctionRef | None:
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname:
+        return None
+    try:
+        found = resolve(module, qualname)
+    except Exception:
+        return None
+    if found is fn or getattr(found, "__wrapped__", None) is fn:
+        return _FunctionRef(module, qualname)
+    return None
+
+
+def resolve(module: str, qualname: str) -> Any:
+    obj: Any = sys.modules.get(module) or importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def dump_function(fn: Callable[..., Any]) -> bytes:
+    """Serialize a function to send to workers: by reference when importable."""
+    ref = _importable(fn)
+    if ref is not None:
+        return pickle.dumps((ref.module, ref.qualname), PROTOCOL)
+    try:
+        return bytes(_cloudpickle().dumps(fn, PROTOCOL))
+    except Exception as exc:
+        raise SerializationError(_cannot_pickle(fn, "the function", exc)) from exc
+
+
+def load_function(data: bytes) -> Callable[..., Any]:
+    """Inverse of :func:`dump_function`, run in the worker."""
+    obj = pickle.loads(data)
+    if isinstance(obj, tuple):
+        obj = resolve(*obj)
+        # A decorated module-level function: run the plain function it wraps.
+        # (Duck-typed, so that a worker never imports the decorator module.)
+        if getattr(obj, "_parfn_parallel", False):
+            obj = obj.__wrapped__
+    if not callable(obj):
+        raise TypeError(f"{obj!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+# -- exceptions ---------------------------------------------------------------
+
+
+def format_user_traceback(exc: BaseException) -> str:
+    """The traceback text of ``exc``, without parfn's own frames above the user's."""
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("parfn."):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _rebuild(
+    data: bytes | None, type_name: str, message: str, tb: str, reason: str
+) -> BaseException:
+    exc: BaseException
+    if data is not None:
+        try:
+            exc = pickle.loads(data)
+        except Exception as err:
+            exc = RemoteError(type_name, message, tb, f"it could not be unpickled here: {err!r}")
+    else:
+        exc = RemoteError(type_name, message, tb, reason)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    return exc
+
+
+class ExceptionEnvelope:
+    """An exception on its way from a worker: itself if it pickles, its text always.
+
+    Unpickling gives back the exception (with the worker's traceback as its
+    ``__cause__``), or a :class:`RemoteError` if it cannot be rebuilt.
+    """
+
+    __slots__ = ("data", "message", "reason", "tb", "type_name")
+
+    def __init__(self, exc: BaseException) -> None:
+        self.type_name = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix(
+            "builtins."
+        )
+        try:
+            self.message = str(exc)
+        except Exception:
+            self.message = "<str() of the exception failed>"
+        self.tb = format_user_traceback(exc)
+        self.reason = ""
+        self.data: bytes | None
+        try:
+            # Pickle without the traceback chain: the text carries it.
+            cause, context, exc.__cause__, exc.__context__ = exc.__cause__, exc.__context__, None, None
+            try:
+                self.data = dumps(exc)
+            finally:
+                exc.__cause__, exc.__context__ = cause, context
+        except Exception as err:
+            self.data = None
+            self.reason = f"it could not be pickled: {err.__cause__ or err!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.data, self.type_name, self.message, self.tb, self.reason))
+
+    def unwrap(self) -> BaseException:
+        """The exception as the caller will see it (for in-process use)."""
+        return _rebuild(self.data, self.type_name, self.message, self.tb, self.reason)
+
+
+def wrap_exception(exc: BaseException) -> ExceptionEnvelope:
+    return ExceptionEnvelope(exc)

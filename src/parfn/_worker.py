@@ -1,0 +1,175 @@
+"""The worker process: its main loop, and nothing the parent does not need.
+
+It reads frames from its pipe, runs each Batch's Runs in order, and answers
+each Batch with one Results frame. It imports only what running items needs,
+so a spawned worker starts quickly.
+
+How a worker ends:
+
+* its pipe reaches end-of-file (the pool closed it, or the parent died): it
+  exits at once, between two runs;
+* the parent dies while it is running an item: on Linux the kernel sends it
+  SIGKILL (``PR_SET_PDEATHSIG``); elsewhere it exits at the end of the item;
+* the parent kills it (a timeout, ``cancel()``, shutdown with cancel_pending).
+
+SIGINT is ignored here: Ctrl-C goes to the whole process group, and it is the
+parent that decides what to stop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ._errors import SerializationError
+from ._execute import run_items
+from ._protocol import (
+    SLOT_INDEX,
+    SLOT_JOB,
+    SLOT_START,
+    Batch,
+    Cancel,
+    Define,
+    Done,
+    InitFailed,
+    Results,
+    Run,
+    decode,
+    encode,
+)
+from ._serialize import ExceptionEnvelope, dumps, load_function, loads
+
+__all__ = ("IN_WORKER", "worker_main")
+
+IN_WORKER = False
+"""True in a worker process of the process backend (read by ``parfn.in_worker``)."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except Exception:  # pragma: no cover - no libc
+            pass
+    if os.getppid() != parent_pid and parent_pid != 0:
+        os._exit(0)  # the parent is already gone
+
+
+def worker_main(
+    conn: Connection,
+    slot: Any,
+    parent_pid: int,
+    init: bytes | None,
+) -> None:
+    """Entry point of a worker process (the target of ``Process``)."""
+    global IN_WORKER
+    IN_WORKER = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+    status = memoryview(slot).cast("B").cast("d")
+    if init is not None:
+        try:
+            initializer, initargs = loads(init, "the initializer")
+            initializer(*initargs)
+        except Exception as exc:
+            _send(conn, InitFailed(ExceptionEnvelope(exc)))
+            os._exit(1)
+    _Worker(conn, status).loop()
+    os._exit(0)
+
+
+def _send(conn: Connection, message: Any) -> None:
+    conn.send_bytes(encode(message))
+
+
+class _Worker:
+    def __init__(self, conn: Connection, status: memoryview) -> None:
+        self.conn = conn
+        self.status = status
+        self.functions: dict[int, Callable[..., Any]] = {}
+        self.broken_functions: dict[int, BaseException] = {}
+        self.pending: deque[Batch] = deque()
+        self.cancelled: set[int] = set()
+
+    def loop(self) -> None:
+        conn = self.conn
+        while True:
+            try:
+                if not self.pending:
+                    self._handle(decode(conn.recv_bytes()))
+                while conn.poll(0):  # take in everything already sent (Cancel included)
+                    self._handle(decode(conn.recv_bytes()))
+            except (EOFError, OSError):
+                return
+            if self.pending:
+                batch = self.pending.popleft()
+                _send(conn, Results([self._run(run) for run in batch.runs]))
+
+    def _handle(self, message: Any) -> None:
+        if isinstance(message, Batch):
+            self.pending.append(message)
+        elif isinstance(message, Define):
+            try:
+                self.functions[message.fn_id] = load_function(message.data)
+            except Exception as exc:
+                self.broken_functions[message.fn_id] = SerializationError(
+                    f"the function could not be loaded in the worker: {exc!r}"
+                )
+        elif isinstance(message, Cancel):
+            self.cancelled.add(message.run_id)
+        else:  # pragma: no cover - a bug in the parent
+            raise TypeError(f"unexpected message {message!r}")
+
+    def _run(self, run: Run) -> Done:
+        if run.run_id in self.cancelled:
+            self.cancelled.discard(run.run_id)
+            return Done(run.run_id, run.lo, run.hi, None, 0.0)
+        status = self.status
+        status[SLOT_INDEX] = -1.0
+        status[SLOT_START] = time.monotonic()
+        status[SLOT_JOB] = float(run.run_id)
+        try:
+            fn = self.functions[run.fn_id]
+            items = loads(run.data, "the arguments")
+        except Exception as exc:
+            error = self.broken_functions.get(run.fn_id, exc)
+            errors = {i: ExceptionEnvelope(error) for i in range(run.lo, run.hi)}
+            return Done(run.run_id, run.lo, run.hi, dumps(([None] * (run.hi - run.lo), errors)), 0.0)
+
+        def before_item(i: int) -> None:
+            if run.timed:
+                status[SLOT_START] = time.monotonic()
+            status[SLOT_INDEX] = float(i)
+
+        values, raised, elapsed = run_items(fn, items, run.lo, run.hi, run.retries, before_item)
+        status[SLOT_JOB] = 0.0
+        errors = {i: ExceptionEnvelope(exc) for i, exc in raised.items()}
+        return Done(run.run_id, run.lo, run.hi, _pack(values, errors, run.lo), elapsed)
+
+
+def _pack(values: list[Any], errors: dict[int, ExceptionEnvelope], lo: int) -> bytes:
+    """Pickle a run's outcomes; a result that cannot be pickled fails alone."""
+    try:
+        return dumps((values, errors))
+    except SerializationError:
+        pass
+    for k, value in enumerate(values):
+        try:
+            dumps(value)
+        except SerializationError as exc:
+            values[k] = None
+            errors[lo + k] = ExceptionEnvelope(
+                SerializationError(str(exc).replace("the value", "the result", 1))
+            )
+    return dumps((values, errors))

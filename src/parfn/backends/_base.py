@@ -1,0 +1,129 @@
+"""The small interface every backend implements, and the Job it runs.
+
+A *Job* is one function applied to a run of argument tuples: a ``spawn`` is a
+Job of one item, a chunk of a ``map`` is a Job of many. A backend runs Jobs and
+reports each item's outcome to the Job's *Sink*; the front end (``parfn.Pool``
+and the map engine) never sees processes, threads or clusters.
+
+Contract for a backend, whatever runs the items:
+
+* ``submit(job)`` returns at once. It may raise :class:`SerializationError`
+  only for a one-item job whose arguments cannot be sent; for a many-item job a
+  bad item's error is delivered in its place, and the other items run.
+* Before an item of the job starts, the backend calls ``job.sink.start()``
+  (at least once per job; more calls are harmless); if that returns False the
+  job was cancelled and the backend drops it.
+* Every item's outcome is delivered exactly once through ``job.sink.deliver``,
+  in any grouping: a value, or an exception standing in its place.
+* An item that raised is re-run up to ``options.retries`` more times before its
+  exception is delivered; a backend that can detect crashes and timeouts
+  retries those the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ("Backend", "Item", "Job", "Options", "Sink", "available_cpus", "fail_items")
+
+Item = tuple[tuple[Any, ...], dict[str, Any]]
+"""One call's arguments: ``(args, kwargs)``."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-task options (API.md section 4)."""
+
+    timeout: float | None = None
+    """Seconds a single item may run, counted from its start."""
+    retries: int = 0
+    """How many more times an item that raised, crashed or timed out is run."""
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None:
+            if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)):
+                raise TypeError(f"timeout must be a number of seconds or None, not {self.timeout!r}")
+            if not self.timeout > 0:
+                raise ValueError(f"timeout must be > 0 seconds, not {self.timeout!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int):
+            raise TypeError(f"retries must be an int >= 0, not {self.retries!r}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, not {self.retries!r}")
+
+
+class Sink(Protocol):
+    """Where a Job's outcomes go. Its methods may be called from any thread."""
+
+    def start(self) -> bool:
+        """Called before items of the job run (once or more); False: drop the job."""
+        ...
+
+    def deliver(
+        self, lo: int, values: Sequence[Any], errors: dict[int, BaseException], elapsed: float
+    ) -> None:
+        """Outcomes of items ``lo .. lo + len(values) - 1`` (indexes into ``job.items``).
+
+        ``errors`` maps an item index to the exception standing in its place
+        (``values`` holds ``None`` there). ``elapsed`` is the seconds the items
+        took to run, for chunk sizing; 0.0 if unknown.
+        """
+        ...
+
+
+class Job:
+    """One function over a run of items, with options, reporting to a sink."""
+
+    __slots__ = ("fn", "items", "options", "sink")
+
+    def __init__(
+        self, fn: Callable[..., Any], items: Sequence[Item], options: Options, sink: Sink
+    ) -> None:
+        self.fn = fn
+        self.items = items
+        self.options = options
+        self.sink = sink
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        return f"<Job {name} x{len(self.items)}>"
+
+
+class Backend(Protocol):
+    """What ``parfn.Pool`` needs of an engine that runs Jobs."""
+
+    name: str
+    workers: int
+    """How many items it runs at once; the map engine sizes its window by it."""
+    can_stop_running: bool
+    """True if a timeout or ``cancel()`` really stops a running item."""
+
+    def submit(self, job: Job) -> None: ...
+
+    def cancel(self, job: Job) -> bool:
+        """Stop ``job``: its queued items never start (``sink.start()`` will also
+        say False); its running items are stopped if ``can_stop_running``.
+        Returns True if the job was stopped while running or queued here."""
+        ...
+
+    def shutdown(self, wait: bool, cancel_pending: bool) -> None:
+        """Stop: with ``wait``, after every submitted job has finished; with
+        ``cancel_pending``, queued jobs are dropped (their sinks get
+        ``CancelledError``) and running ones are ended. Idempotent."""
+        ...
+
+
+def fail_items(job: Job, lo: int, hi: int, error: Callable[[int], BaseException]) -> None:
+    """Deliver ``error(i)`` for each item ``lo <= i < hi`` of ``job``."""
+    if hi > lo:
+        job.sink.deliver(lo, [None] * (hi - lo), {i: error(i) for i in range(lo, hi)}, 0.0)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity), not the machine's count."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1  # pragma: no cover - macOS, Windows

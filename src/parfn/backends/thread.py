@@ -1,0 +1,112 @@
+"""The thread backend: items run on a pool of threads in this process.
+
+For I/O-bound work and for functions that release the GIL. A thread cannot be
+stopped from outside, so a ``timeout`` fails the item with ``TaskTimeout`` at
+its deadline while the thread runs on to the end in the background (its late
+result is dropped, and a timed-out item is not retried), and ``cancel()`` of a
+running task returns False.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from typing import Any
+
+from .._errors import TaskTimeout
+from .._execute import run_items
+from ._base import Job, available_cpus, fail_items
+
+__all__ = ("ThreadBackend",)
+
+
+class _Run:
+    """Items ``lo:hi`` of a job; exactly one of its runner and its timer delivers it."""
+
+    __slots__ = ("delivered", "hi", "job", "lo")
+
+    def __init__(self, job: Job, lo: int, hi: int) -> None:
+        self.job, self.lo, self.hi = job, lo, hi
+        self.delivered = False
+
+
+class ThreadBackend:
+    name = "thread"
+    can_stop_running = False
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        self.workers = workers or available_cpus()
+        self._executor = ThreadPoolExecutor(
+            self.workers,
+            thread_name_prefix="parfn-thread",
+            initializer=initializer,
+            initargs=initargs,
+        )
+        self._lock = threading.Lock()
+        self._queued: set[_Run] = set()  # guarded by _lock
+
+    def submit(self, job: Job) -> None:
+        n = len(job.items)
+        # A timeout is per item: then each item is a run of its own.
+        step = 1 if job.options.timeout is not None else max(n, 1)
+        for lo in range(0, n, step):
+            run = _Run(job, lo, min(lo + step, n))
+            with self._lock:
+                self._queued.add(run)
+            self._executor.submit(self._run, run)
+
+    def _run(self, run: _Run) -> None:
+        job = run.job
+        with self._lock:
+            if run not in self._queued:  # dropped by shutdown(cancel_pending=True)
+                return
+            self._queued.discard(run)
+        if not job.sink.start():
+            return
+        timer = None
+        timeout = job.options.timeout
+        if timeout is not None:
+            timer = threading.Timer(timeout, self._expire, (run, timeout))
+            timer.daemon = True
+            timer.start()
+        values, errors, elapsed = run_items(job.fn, job.items, run.lo, run.hi, job.options.retries)
+        if timer is not None:
+            timer.cancel()
+        if self._take(run):
+            job.sink.deliver(run.lo, values, errors, elapsed)
+
+    def _take(self, run: _Run) -> bool:
+        with self._lock:
+            taken, run.delivered = run.delivered, True
+            return not taken
+
+    def _expire(self, run: _Run, timeout: float) -> None:
+        if self._take(run):
+            name = getattr(run.job.fn, "__qualname__", repr(run.job.fn))
+            text = (
+                f"{name} ran past its timeout of {timeout:g} s; the thread backend cannot "
+                "stop a running thread, so it goes on in the background"
+            )
+            fail_items(run.job, run.lo, run.hi, lambda i: TaskTimeout(text))
+
+    def cancel(self, job: Job) -> bool:
+        """Drop ``job``'s queued runs; a running thread cannot be stopped."""
+        with self._lock:
+            runs = {run for run in self._queued if run.job is job}
+            self._queued -= runs
+        return bool(runs)
+
+    def shutdown(self, wait: bool, cancel_pending: bool) -> None:
+        if cancel_pending:
+            with self._lock:
+                queued, self._queued = self._queued, set()
+            for run in queued:
+                fail_items(run.job, run.lo, run.hi, lambda i: CancelledError())
+        self._executor.shutdown(wait=wait)
