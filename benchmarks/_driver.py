@@ -13,6 +13,7 @@ workload (pipe ping-pong, memcpy, serial run, bare interpreter start).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -45,15 +46,11 @@ def _ok(samples: list[float], unit: str, **extra: Any) -> Result:
 
 def _warm(system: System) -> None:
     """Start every worker (lazy pools start them on demand) and prime the call path."""
-    try:
+    with contextlib.suppress(NotApplicable):
         system.map(nap, [0.05] * (2 * _systems.WORKERS), 1)
-    except NotApplicable:
-        pass
-    try:
+    with contextlib.suppress(NotApplicable):
         for _ in range(20):
             system.apply(noop, 1)
-    except NotApplicable:
-        pass
 
 
 def _rss() -> int:
@@ -65,15 +62,21 @@ def _rss() -> int:
 
 
 def latency(system: System, p: dict[str, Any]) -> Result:
-    for _ in range(p["warmup"]):
+    deadline = time.perf_counter() + p["budget_s"]
+    for i in range(p["warmup"]):
         system.apply(noop, 1)
-    times = []
+        if i >= 10 and time.perf_counter() > deadline:
+            break
+    times: list[int] = []
     clock = time.perf_counter_ns
+    deadline = time.perf_counter() + p["budget_s"]
     for _ in range(p["calls"]):
         t0 = clock()
         r = system.apply(noop, 1)
         times.append(clock() - t0)
         assert r == 1
+        if len(times) >= 20 and time.perf_counter() > deadline:
+            break  # a slow system: fewer calls, but a bounded time
     return _latency_result(times)
 
 
@@ -261,7 +264,7 @@ def floor_latency(p: dict[str, Any]) -> Result:
     here, there = multiprocessing.Pipe()
     proc = multiprocessing.Process(target=pipe_echo_server, args=(there,), daemon=True)
     proc.start()
-    msg = ("noop", (1,), {})
+    msg: tuple[str, tuple[int], dict[str, int]] = ("noop", (1,), {})
     for _ in range(p["warmup"]):
         here.send(msg)
         here.recv()
@@ -346,3 +349,5 @@ if __name__ == "__main__":
         main()
     except Exception:
         _write(sys.argv[2], {"status": "error", "error": traceback.format_exc(limit=4)})
+        # A broken pool may hang the interpreter's exit: leave now; run.py kills the rest.
+        os._exit(1)

@@ -8,8 +8,8 @@ parfn is driven through its public API only.
 
 from __future__ import annotations
 
-from importlib import metadata
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import metadata
 from typing import Any
 
 WORKERS = 2
@@ -30,6 +30,8 @@ class System:
     """The distribution whose version the report shows ("" for the standard library)."""
     cold_code: str = ""
     """A script for ``python -c``: import, one result, shut down."""
+    lacks: frozenset[str] = frozenset()
+    """Workloads the library has no API for (reported as n/a without running)."""
 
     def start(self) -> None:
         """Create the pool (workers may start lazily; the driver warms them up)."""
@@ -63,11 +65,7 @@ class System:
 class Parfn(System):
     name, label, dist = "parfn", "parfn", "parfn"
     probe = "import parfn; parfn.Pool"
-    cold_code = (
-        "import parfn\n"
-        "with parfn.Pool(2) as pool:\n"
-        "    assert pool.apply(abs, -1) == 1\n"
-    )
+    cold_code = "import parfn\nwith parfn.Pool(2) as pool:\n    assert pool.apply(abs, -1) == 1\n"
 
     def start(self) -> None:
         import parfn
@@ -185,6 +183,7 @@ class Loky(_FutureExecutor):
 
 class Joblib(System):
     name, label, dist = "joblib", "joblib", "joblib"
+    lacks = frozenset({"spawn"})  # no call that submits one task and returns a handle
     probe = "import joblib"
     cold_code = (
         "from joblib import Parallel, delayed\n"

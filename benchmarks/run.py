@@ -12,6 +12,7 @@ in machine load hits every system alike. Every system uses 2 workers. See README
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -49,8 +50,11 @@ class Workload:
     full: dict[str, Any] = field(default_factory=dict)
 
 
-_IMAP_QUICK = {"run_s": 1.0, "settle_s": 0.3, "pause_s": 0.7, "memory_limit_mib": 300}
+_IMAP_QUICK = {"run_s": 0.8, "settle_s": 0.3, "pause_s": 0.5, "memory_limit_mib": 300}
 _IMAP_FULL = {"run_s": 2.0, "settle_s": 0.5, "pause_s": 1.5, "memory_limit_mib": 1024}
+for _p in (_IMAP_QUICK, _IMAP_FULL):
+    # Input items a bounded imap may still pull once its consumer has paused for settle_s.
+    _p["growth_tolerance"] = 1000
 
 WORKLOADS: dict[str, Workload] = {
     w.key: w
@@ -58,8 +62,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "latency", "blocking `apply` of a trivial function, p50", "time",
             "`multiprocessing.Pipe` ping-pong, p50",
-            {"reps": 2, "warmup": 100, "calls": 500},
-            {"reps": 5, "warmup": 300, "calls": 3000},
+            {"reps": 2, "warmup": 100, "calls": 500, "budget_s": 1.0},
+            {"reps": 5, "warmup": 300, "calls": 3000, "budget_s": 4.0},
         ),
         Workload(
             "spawn", "`spawn` {tasks:,} tasks one by one, then gather", "rate", "",
@@ -69,7 +73,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "map", "`map` of a trivial function over {items:,} items, default chunking", "rate",
             "", {"reps": 2, "items": 20_000, "chunksize": None},
-            {"reps": 5, "items": 200_000, "chunksize": None},
+            {"reps": 3, "items": 200_000, "chunksize": None},
         ),
         Workload(
             "map1", "`map` over {items:,} items, `chunksize=1`", "rate", "",
@@ -79,7 +83,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "cpu", "{tasks} pure-Python tasks of {seconds} s, speed-up over serial", "speedup",
             "ideal 2.0 (serial time measured in the same run)",
-            {"reps": 1, "tasks": 8, "seconds": 0.05},
+            {"reps": 1, "tasks": 8, "seconds": 0.1},
             {"reps": 3, "tasks": 8, "seconds": 0.25},
         ),
         Workload(
@@ -102,7 +106,8 @@ WORKLOADS: dict[str, Workload] = {
     )
 }  # fmt: skip
 
-UNITS = {"time": "", "rate": "/s", "speedup": "×"}
+TIMES = "\u00d7"  # the multiplication sign of "1.5x"
+DASH = "\u2013"  # the en dash of "min - max"
 
 
 # -- running ------------------------------------------------------------------------
@@ -133,10 +138,9 @@ def run_process(argv: list[str], cap_s: float, env: dict[str, str]) -> tuple[boo
             in_time = True
         except subprocess.TimeoutExpired:
             in_time = False
-        try:  # leftovers: workers of a pool the driver left behind, or the driver itself
+        # Leftovers: workers of a pool the driver left behind, or the driver itself.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         proc.wait()
         err.seek(0)
         tail = err.read()[-2000:].decode(errors="replace")
@@ -144,7 +148,7 @@ def run_process(argv: list[str], cap_s: float, env: dict[str, str]) -> tuple[boo
 
 
 def available(name: str, env: dict[str, str]) -> str:
-    """"" if the system can be used, else why not."""
+    """Why the system cannot be used here, or "" if it can."""
     probe = _systems.SYSTEMS[name].probe
     proc = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
@@ -179,16 +183,16 @@ def measure(
             result.setdefault("extra", {})["shutdown_hung"] = True
     result.update(workload=workload, system=system, wall_s=wall)
     if not in_time and result["status"] in ("error", "timeout"):
-        result["error"] = f"no result within the {cap_s:.0f} s cap"
+        result["error"] = f"no result within the {cap_s:g} s cap"
     return result
 
 
 def describe(result: dict[str, Any]) -> str:
     """A short progress line for one measurement."""
-    status = result["status"]
+    status = str(result["status"])
     if status != "ok":
-        return status + (": " + result.get("error", "").strip().splitlines()[-1][:100]
-                         if result.get("error") else "")  # fmt: skip
+        error = str(result.get("error") or "").strip()
+        return f"{status}: {error.splitlines()[-1][:100]}" if error else status
     samples = result["samples"]
     if not samples:
         return "no result"
@@ -210,14 +214,14 @@ def fmt_value(value: float, unit: str) -> str:
         if value >= 1e3:
             return f"{value / 1e3:.1f}k/s"
         return f"{value:.0f}/s"
-    if unit == "×":
-        return f"{value:.2f}×"
+    if unit == TIMES:
+        return f"{value:.2f}{TIMES}"
     return f"{value:.3g} {unit}"
 
 
 @dataclass
 class Cell:
-    """The aggregate of one workload × system."""
+    """The aggregate of one (workload, system) pair."""
 
     unit: str = ""
     samples: list[float] = field(default_factory=list)
@@ -236,7 +240,8 @@ class Cell:
     def spread(self) -> str:
         if not self.samples:
             return ""
-        return f"{fmt_value(min(self.samples), self.unit)} – {fmt_value(max(self.samples), self.unit)}"
+        low, high = fmt_value(min(self.samples), self.unit), fmt_value(max(self.samples), self.unit)
+        return f"{low} {DASH} {high}"
 
 
 def aggregate(results: list[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
@@ -261,11 +266,13 @@ def aggregate(results: list[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
             base = serial.get(r["rep"]) or (statistics.median(serial.values()) if serial else None)
             if r["system"] == "floor":
                 samples = [2.0]
+                times = sorted(serial.values())
+                cell.note = f"serial run: {times[0]:.2f} {DASH} {times[-1]:.2f} s"
             elif base is None:
                 samples = []
             else:
                 samples = [base / s for s in samples]
-            unit = "×"
+            unit = TIMES
         cell.unit = unit
         cell.samples.extend(samples)
         if r["workload"] == "imap":
@@ -300,7 +307,7 @@ def ratio_vs_mp(w: Workload, cell: Cell, mp: Cell | None) -> str:
     if mp is None or cell.median is None or mp.median is None or not cell.median:
         return ""
     r = mp.median / cell.median if w.kind == "time" else cell.median / mp.median
-    return f"{r:.2f}×"
+    return f"{r:.2f}{TIMES}" if r >= 0.1 else f"{r:.2g}{TIMES}"
 
 
 def ratio_vs_floor(w: Workload, cell: Cell, floor: Cell | None) -> str:
@@ -309,7 +316,7 @@ def ratio_vs_floor(w: Workload, cell: Cell, floor: Cell | None) -> str:
         return ""
     if w.kind == "speedup":
         return f"{cell.median / floor.median:.0%} of ideal"
-    return f"{cell.median / floor.median:.2f}× floor"
+    return f"{cell.median / floor.median:.2f}{TIMES} floor"
 
 
 def title(w: Workload, params: dict[str, Any]) -> str:
@@ -322,10 +329,11 @@ def table(
     systems: list[str],
     profile: dict[str, dict[str, Any]],
 ) -> str:
-    """The detailed markdown table, one row per workload × system, then a compact matrix."""
+    """The detailed markdown table, one row per workload and system, then a compact matrix."""
     labels = {name: _systems.SYSTEMS[name].label for name in systems}
     lines = [
-        "| workload | system | median | min – max | vs mp.Pool (>1 = better) | vs floor | notes |",
+        f"| workload | system | median | min {DASH} max | vs mp.Pool (>1 = better) | vs floor "
+        "| notes |",
         "|---|---|---|---|---|---|---|",
     ]
     for key in workloads:
@@ -342,7 +350,7 @@ def table(
             if key == "imap" and cell.median is not None:
                 map_cell = cells.get(("map", name))
                 if map_cell is not None and map_cell.median:
-                    note = f"{cell.median / map_cell.median:.2f}× its own map; {note}"
+                    note = f"{cell.median / map_cell.median:.2f}{TIMES} its own map; {note}"
             if key == "cpu" and name == "floor":
                 label = "floor: ideal (serial time measured in the same run)"
             vs_floor = "" if name == "floor" else ratio_vs_floor(w, cell, floor)
@@ -392,7 +400,8 @@ def split(arg: str, known: dict[str, Any], what: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workloads = split(args.only, WORKLOADS, "workload")
+    selected = split(args.only, WORKLOADS, "workload")
+    workloads = [k for k in WORKLOADS if k in selected]
     wanted = split(args.systems, _systems.SYSTEMS, "system")
     env = driver_env()
     log = sys.stderr
@@ -415,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             params["reps"] = args.reps
         params["cap_s"] = args.cap or (45.0 if args.quick else 180.0)
 
-    meta = {
+    meta: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "mode": "quick" if args.quick else "full",
         "python": sys.version.split()[0],
@@ -440,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(params["reps"]):
             shift = rep % len(names)
             for name in names[shift:] + names[:shift]:
-                r = measure(key, name, params, cap, env)
+                if name != "floor" and key in _systems.SYSTEMS[name].lacks:
+                    r = {"status": "n/a", "workload": key, "system": name, "wall_s": 0.0}
+                else:
+                    r = measure(key, name, params, cap, env)
                 r["rep"] = rep
                 results.append(r)
                 label = _systems.SYSTEMS[name].label if name != "floor" else "floor"

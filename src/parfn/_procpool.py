@@ -78,6 +78,9 @@ JOIN_TIMEOUT = 5.0
 """Seconds a closing worker gets to exit on its own before it is killed."""
 
 _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
+_parent_fds: set[int] = set()  # guarded by _start_lock
+_start_lock = threading.Lock()
+"""The parent's ends of every worker pipe and wakeup pipe, of every pool."""
 
 
 def default_start_method() -> str:
@@ -334,7 +337,9 @@ class ProcessPool:
         self._item_time: dict[int, float] = {}  # fn_id -> seconds per item, smoothed
         self._closed = False
         self._stopping = False
-        self._wakeup_r, self._wakeup_w = os.pipe()
+        with _start_lock:
+            self._wakeup_r, self._wakeup_w = os.pipe()
+            _parent_fds.update((self._wakeup_r, self._wakeup_w))
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
         self._selector = selectors.DefaultSelector()
@@ -585,8 +590,10 @@ class ProcessPool:
         finally:
             self._fail_pending()
             self._selector.close()
-            os.close(self._wakeup_r)
-            os.close(self._wakeup_w)
+            with _start_lock:
+                _parent_fds.difference_update((self._wakeup_r, self._wakeup_w))
+                os.close(self._wakeup_r)
+                os.close(self._wakeup_w)
 
     def _on_manager_error(self, exc: BaseException) -> None:
         with self._lock:
@@ -645,17 +652,22 @@ class ProcessPool:
 
     def _start_worker(self) -> None:
         """Start one worker. Caller holds ``_lock``; runs on the manager thread."""
-        parent_end, child_end = self._ctx.Pipe(duplex=True)
-        slot = self._ctx.RawArray("d", 3)
-        parent_pid = 0 if self.start_method == "forkserver" else os.getpid()
-        process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=worker_main,
-            args=(child_end, slot, parent_pid, self._init),
-            name="parfn-worker",
-        )
-        process.start()
-        child_end.close()
-        worker = _Worker(process, _Channel(parent_end), slot)
+        with _start_lock:  # no other pool forks while this pipe is half made
+            parent_end, child_end = self._ctx.Pipe(duplex=True)
+            slot = self._ctx.RawArray("d", 3)
+            parent_pid = 0 if self.start_method == "forkserver" else os.getpid()
+            # A forked child inherits the parent's ends of the other workers'
+            # pipes; it closes them, or those workers would never see EOF.
+            inherited = [*_parent_fds, parent_end.fileno()] if self.start_method == "fork" else []
+            process = self._ctx.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                args=(child_end, slot, parent_pid, self._init, inherited),
+                name="parfn-worker",
+            )
+            process.start()
+            child_end.close()
+            worker = _Worker(process, _Channel(parent_end), slot)
+            _parent_fds.add(worker.channel.fd)
         self._workers.append(worker)
         self._selector.register(worker.channel.fd, selectors.EVENT_READ, ("pipe", worker))
         self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
@@ -673,12 +685,15 @@ class ProcessPool:
                 self._retire(worker)
 
     def _retire(self, worker: _Worker) -> None:
+        """Close the parent's end of the worker's pipe: it exits on EOF."""
         if worker.channel.fd >= 0:
             try:
                 self._selector.unregister(worker.channel.fd)
             except (KeyError, ValueError):
                 pass
-            worker.channel.close()
+            with _start_lock:
+                _parent_fds.discard(worker.channel.fd)
+                worker.channel.close()
             worker.channel.fd = -1
 
     def _update_write_interest(self) -> None:
@@ -720,7 +735,21 @@ class ProcessPool:
         for work, done in delivered:
             if work.state.cancelled or done.payload is None:
                 continue
+            if not done.payload:
+                self._isolate(work)
+                continue
             self._deliver(work, done.payload, done.elapsed)
+
+    def _isolate(self, work: _Work) -> None:
+        """Send a run's items again one by one, each pickled alone (no lock held)."""
+        state = work.state
+        works = []
+        for i in range(work.lo, work.hi):
+            alone = _JobState(state.job, state.fn_id, dumps({i: state.job.items[i]}))
+            alone.started = True
+            works.append(_Work(alone, i, i + 1, work.retries))
+        with self._lock:
+            self._queue.extendleft(reversed(works))
 
     def _deliver(self, work: _Work, payload: bytes, elapsed: float) -> None:
         """Unpickle a run's outcomes and hand them to its sink (no lock held)."""
@@ -733,9 +762,7 @@ class ProcessPool:
                 return
             # One of the results cannot be unpickled here: run the items again
             # one by one, so that only that item fails.
-            with self._lock:
-                for i in reversed(range(work.lo, work.hi)):
-                    self._queue.appendleft(_Work(work.state, i, i + 1, work.retries))
+            self._isolate(work)
             return
         job.sink.deliver(work.lo, values, envelopes, elapsed)
 
@@ -826,25 +853,20 @@ class ProcessPool:
             if why == "cancel":
                 return CancelledError
             if why == "timeout":
-                timeout = job.options.timeout
                 text = (
-                    f"{_fn_name(job)}() ran past its timeout of {timeout:g} s "
-                    f"(item {index}); its worker was ended and replaced"
-                    if len(job.items) > 1
-                    else f"{_fn_name(job)}() ran past its timeout of {timeout:g} s; "
+                    f"{_fn_name(job)}() ran past its timeout of {job.options.timeout:g} s; "
                     "its worker was ended and replaced"
                 )
                 return lambda: TaskTimeout(text)
-        text = self._crash_text(job, exitcode, index if len(job.items) > 1 else None)
+        text = self._crash_text(job, exitcode)
         if index < work.lo:
             text += " while loading the arguments"
         return lambda: WorkerCrashed(text, exitcode)
 
     @staticmethod
-    def _crash_text(job: Job, exitcode: int | None, index: int | None = None) -> str:
-        item = f" on item {index}" if index is not None else ""
+    def _crash_text(job: Job, exitcode: int | None) -> str:
         return (
-            f"the worker process running {_fn_name(job)}(){item} died: "
+            f"the worker process running {_fn_name(job)}() died: "
             f"{_describe_exit(exitcode)}. The worker was replaced; other tasks are unaffected"
         )
 

@@ -104,7 +104,8 @@ class Done(_Message):
     """The outcome of one Run: ``payload`` pickles ``(values, errors)``.
 
     ``errors`` maps item index to an ExceptionEnvelope. ``payload`` is None
-    when the run was cancelled before it started.
+    when the run was cancelled before it started, and empty when its
+    arguments could not be loaded (the parent then sends the items one by one).
     """
 
     __slots__ = ("run_id", "lo", "hi", "payload", "elapsed")

@@ -71,10 +71,20 @@ def worker_main(
     slot: Any,
     parent_pid: int,
     init: bytes | None,
+    inherited_fds: list[int],
 ) -> None:
-    """Entry point of a worker process (the target of ``Process``)."""
+    """Entry point of a worker process (the target of ``Process``).
+
+    ``inherited_fds``: the parent's ends of other pipes, which a forked child
+    inherits and must close.
+    """
     global IN_WORKER
     IN_WORKER = True
+    for fd in inherited_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     status = memoryview(slot).cast("B").cast("d")
@@ -143,6 +153,10 @@ class _Worker:
             fn = self.functions[run.fn_id]
             items = loads(run.data, "the arguments")
         except Exception as exc:
+            if run.fn_id not in self.broken_functions and run.hi - run.lo > 1:
+                # One of the items cannot be loaded here: the parent sends
+                # them again one by one, so that only that one fails.
+                return Done(run.run_id, run.lo, run.hi, b"", 0.0)
             error = self.broken_functions.get(run.fn_id, exc)
             errors = {i: ExceptionEnvelope(error) for i in range(run.lo, run.hi)}
             return Done(run.run_id, run.lo, run.hi, dumps(([None] * (run.hi - run.lo), errors)), 0.0)

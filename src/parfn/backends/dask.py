@@ -2,45 +2,48 @@
 
 How a job travels::
 
-    caller: submit(job) -- sink.start(), pickle the function and the items
-      |
-      +-- client.submit(_run_remote, ...)  one Dask task per Job (a map chunk),
-      |                                    or per item when a timeout is set
+    submit(job): pickle the function and the items (an error: raised or delivered)
+      |   one run per Job (a map chunk), or one per item when it has a timeout;
+      |   on a LocalCluster parfn started, a run waits here for a free worker thread
       v
-    Dask scheduler --> a worker thread: _run_remote -> run_items -> pickled outcomes
-      |                  (with a timeout: first a "started" event to the client)
+    _dispatch: sink.start(), client.submit(_run_remote, ..., pure=False)
       v
-    Dask-Callback-Thread: _on_done -> future.result() -> unpickle -> sink.deliver
-      |  an item that raised, or whose worker died, with retries left: submitted again
+    Dask scheduler --> worker thread: _run_remote -> run_items -> pickled outcomes
+      |                (with a timeout, first a "started" event back to the client)
       v
-    parfn-dask-deadlines thread: TaskTimeout at an item's deadline, armed when
-      the item's "started" event reaches the client; its future is cancelled
+    Dask-Callback-Thread: _on_done queues the run for the collector
+      v
+    parfn-dask-collector: one gather for every run done meanwhile -> sink.deliver;
+      an item that raised or whose worker died, with retries left: submitted again
+    parfn-dask-deadlines: TaskTimeout at an item's deadline, armed by its "started"
+      event; its Dask future is cancelled
 
-What it guarantees, and what it does not (the README's backend table):
+What it guarantees, and what it does not (for the README's backend table):
 
 * A remote exception keeps its type and the worker's traceback text; a worker
-  that dies mid-task fails that item with :class:`WorkerCrashed` (Dask's
-  ``KilledWorker``), and the cluster's nanny replaces the worker.
-* ``retries`` are counted here, in the caller, so that an item runs at most
-  ``retries + 1`` times whether it raised, crashed or timed out. Two
-  exceptions: a cluster that parfn did not start re-runs a task whose worker
-  died up to its own ``distributed.scheduler.allowed-failures`` times (default
-  3) before parfn hears of it, and those runs count; and when a worker dies in
-  the middle of a many-item chunk, the chunk's items are run again one by one
-  to find the one that crashed, which therefore runs once more.
+  that dies mid-task fails that item with :class:`WorkerCrashed` (from Dask's
+  ``KilledWorker``) and the cluster's nanny replaces the worker.
+* ``retries`` are counted here, in the caller, so an item runs at most
+  ``retries + 1`` times whether it raised, crashed or timed out; except that a
+  cluster parfn did not start re-runs a task whose worker died up to its own
+  ``distributed.scheduler.allowed-failures`` times (default 3) before parfn
+  hears of it (those runs count against ``retries``, but can exceed it), and
+  that when a worker dies during a many-item chunk, its items are run again
+  one by one to find the one that crashed, which so runs once more.
+* On a LocalCluster parfn started, ``allowed-failures`` is 0 and parfn sends
+  no more tasks than there are worker threads, so a dying worker fails only
+  the task it ran. ``sink.start()`` is called as a task is sent, so a task
+  still waiting here can be cancelled; on another cluster every task is sent
+  at once, and ``cancel()`` of a task sent to Dask returns False.
 * ``timeout`` is counted from when the client hears that the item started on
   a worker (a few milliseconds after it did). At the deadline the caller gets
   :class:`TaskTimeout` and the Dask future is cancelled, but Dask cannot stop
-  a running thread: the item runs on in its worker to the end (its result is
-  dropped), so ``can_stop_running`` is False and ``cancel()`` of a running
-  task returns False.
-* ``sink.start()`` is called when a job is handed to Dask, not when a worker
-  starts it, which the client does not see.
-* ``initializer`` runs once in each worker process (not each thread), as the
-  worker starts or joins, through a Dask worker plugin that is removed again
-  at shutdown.
+  a running thread: the item runs on in its worker to its end, its result
+  dropped. So ``can_stop_running`` is False.
+* ``initializer`` runs once in each worker process (not each thread), as it
+  starts or joins, through a Dask worker plugin removed again at shutdown.
 * A LocalCluster started here spawns its workers, which import the main
-  module: a script must create the pool under ``if __name__ == "__main__":``,
+  module: a script must make the pool under ``if __name__ == "__main__":``,
   as with Dask itself. parfn must be importable on the cluster's workers.
 
 ``distributed`` is imported only when a DaskBackend is created.
@@ -48,13 +51,18 @@ What it guarantees, and what it does not (the README's backend table):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import heapq
+import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError
 from functools import partial
 from typing import Any
@@ -92,20 +100,38 @@ def _name(fn: Callable[..., Any]) -> str:
 # -- in the Dask worker -------------------------------------------------------
 
 
-def _run_remote(fn_data: bytes, payload: bytes, started: tuple[str, str] | None) -> bytes:
+def _run_remote(
+    fn_data: bytes, payload: bytes, started: tuple[str, str] | None, marker: str | None
+) -> bytes:
     """Run a run of items in a Dask worker; every outcome comes back as data.
 
-    Returns the pickled tuple ``(values, raised, unsendable, elapsed, failure)``:
+    ``marker``: a file that exists while the task runs, which tells the
+    caller, should the worker die, that this task was running (and so may be
+    what killed it). ``started``: ``(topic, key)`` of an event to send first.
+    """
+    if marker is not None:
+        open(marker, "wb").close()
+    try:
+        if started is not None:
+            from distributed import get_worker  # type: ignore[import-not-found, unused-ignore]
+
+            get_worker().log_event(started[0], started[1])
+        return _run_here(fn_data, payload)
+    finally:
+        if marker is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(marker)
+
+
+def _run_here(fn_data: bytes, payload: bytes) -> bytes:
+    """The pickled tuple ``(values, raised, unsendable, elapsed, failure)``.
+
     ``raised`` maps an item's index in the run to the (wrapped) exception it
     raised, ``unsendable`` to the SerializationError of a result that cannot
     be pickled, and ``failure`` is an exception for every item of the run when
     they could not run at all. Nothing escapes as a Dask task error, so a
     Dask-level error means the worker or the cluster failed, not the function.
     """
-    if started is not None:
-        from distributed import get_worker  # type: ignore[import-not-found, unused-ignore]
-
-        get_worker().log_event(started[0], started[1])
     try:
         fn = load_function(fn_data)
     except Exception as exc:
@@ -177,12 +203,15 @@ def _initializer_plugin(data: bytes) -> Any:
 
 
 class _Run:
-    """Items ``lo:hi`` of a job as one Dask task; ``tries`` earlier runs of them."""
+    """Items ``lo:hi`` of a job as one Dask task; ``tries``: earlier runs of them."""
 
-    __slots__ = ("armed", "future", "hi", "job", "key", "lo", "tries")
+    __slots__ = ("armed", "fn_data", "future", "hi", "job", "key", "lo", "payload", "tries")
 
-    def __init__(self, job: Job, lo: int, hi: int, tries: int) -> None:
+    def __init__(
+        self, job: Job, lo: int, hi: int, tries: int, fn_data: bytes, payload: bytes
+    ) -> None:
         self.job, self.lo, self.hi, self.tries = job, lo, hi, tries
+        self.fn_data, self.payload = fn_data, payload
         self.key = ""
         self.future: Any = None
         self.armed = False  # its deadline is set
@@ -271,13 +300,22 @@ class DaskBackend:
         self._idle = threading.Condition(self._lock)
         self._inflight: dict[str, _Run] = {}  # guarded by _lock, by Dask key
         self._outstanding = 0  # guarded by _lock: items submitted, not yet delivered
+        self._queue: deque[_Run] = deque()  # guarded by _lock: waiting for a slot
+        self._running = 0  # guarded by _lock: tasks in flight in Dask
+        self._limit: int | None = None  # most tasks in flight; None: no limit
         self._closed = False  # guarded by _lock
         self._cancelling = False  # guarded by _lock
+        self._released = False  # guarded by _lock: _close() ran
+        self._done: deque[_Run] = deque()  # guarded by _done_cond: for the collector
+        self._done_cond = threading.Condition()
+        self._stopping = False  # guarded by _done_cond
+        self._collector: threading.Thread | None = None
         self._deadlines: _Deadlines | None = None  # guarded by _lock
         self._topic = f"parfn-started-{uuid.uuid4().hex}"
         self._plugin_name: str | None = None
         self._subscribed = False
         self._cluster: Any = None  # the LocalCluster parfn started, if any
+        self._markers: str | None = None  # its directory of "task started" files
         self._owns_client = client is None
 
         if client is not None:
@@ -292,14 +330,22 @@ class DaskBackend:
             import dask
 
             # parfn counts crash retries itself, so the scheduler must not
-            # silently re-run a task whose worker died.
+            # silently re-run a task whose worker died. Dask then fails every
+            # task the dying worker held, run or queued: a marker file tells
+            # parfn which had started. At most two tasks per worker thread
+            # are sent ahead; the rest wait here, where they can be cancelled.
+            n = workers or available_cpus()
+            self._limit = 2 * n
             with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
                 self._cluster = distributed.LocalCluster(
-                    n_workers=workers or available_cpus(),
+                    n_workers=n,
                     threads_per_worker=1,
                     processes=True,
-                    dashboard_address=None,
                     host="127.0.0.1",
+                    dashboard_address=None,
+                    # No dashboard; the scheduler's small HTTP server (health,
+                    # metrics) on a free port, not on 8787 where another may be.
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 )
             try:
                 self._client = distributed.Client(self._cluster, set_as_default=False)
@@ -307,6 +353,8 @@ class DaskBackend:
                 self._cluster.close()
                 raise
         try:
+            if self._cluster is not None:
+                self._markers = tempfile.mkdtemp(prefix="parfn-dask-")
             if initializer is not None:
                 plugin = _initializer_plugin(
                     dumps((initializer, tuple(initargs)), "the initializer")
@@ -319,6 +367,10 @@ class DaskBackend:
             self._close()
             raise
         self._killed_worker: type[BaseException] = distributed.KilledWorker
+        self._collector = threading.Thread(
+            target=self._collect, name="parfn-dask-collector", daemon=True
+        )
+        self._collector.start()
 
     def __repr__(self) -> str:
         return f"<DaskBackend {self._client!r}>"
@@ -333,30 +385,25 @@ class DaskBackend:
         n = len(job.items)
         if n == 1:
             # The one case where a pickling error is raised to the caller.
-            fn_data = dump_function(job.fn)
-            payload = self._dump_items(job, 0, 1)
-            if not job.sink.start():
-                return
+            run = _Run(job, 0, 1, 0, dump_function(job.fn), self._dump_items(job, 0, 1))
             self._add_outstanding(1)
-            self._launch(_Run(job, 0, 1, 0), fn_data, payload)
+            self._launch([run])
             return
-        if not job.sink.start() or n == 0:
+        if n == 0:
             return
         self._add_outstanding(n)
         try:
             fn_data = dump_function(job.fn)
         except SerializationError as err:
-            self._fail(job, 0, n, lambda i: SerializationError(str(err)))
+            self._fail(job, 0, n, _copies(err))
             return
-        if job.options.timeout is not None:
-            self._launch_each(job, 0, n, 0, fn_data)
-            return
-        try:
-            payload = self._dump_items(job, 0, n)
-        except SerializationError:
-            self._launch_each(job, 0, n, 0, fn_data)
-            return
-        self._launch(_Run(job, 0, n, 0), fn_data, payload)
+        if job.options.timeout is None:
+            try:
+                self._launch([_Run(job, 0, n, 0, fn_data, self._dump_items(job, 0, n))])
+                return
+            except SerializationError:
+                pass  # find the items that cannot be pickled
+        self._launch_each(job, range(n), 0, fn_data)
 
     def _add_outstanding(self, n: int) -> None:
         with self._lock:
@@ -375,58 +422,105 @@ class DaskBackend:
                 describe_item_error(args, kwargs, err.__cause__ or err)
             ) from err.__cause__
 
-    def _launch_each(self, job: Job, lo: int, hi: int, tries: int, fn_data: bytes) -> None:
-        """Launch items ``lo:hi`` as one task each; one that cannot be pickled fails alone."""
-        for i in range(lo, hi):
+    def _launch_each(self, job: Job, indexes: Iterable[int], tries: int, fn_data: bytes) -> None:
+        """Launch items as one task each; an item that cannot be pickled fails alone."""
+        runs = []
+        for i in indexes:
             try:
-                payload = self._dump_items(job, i, i + 1)
+                runs.append(_Run(job, i, i + 1, tries, fn_data, self._dump_items(job, i, i + 1)))
             except SerializationError as err:
                 self._fail(job, i, i + 1, _copies(err))
-                continue
-            self._launch(_Run(job, i, i + 1, tries), fn_data, payload)
+        self._launch(runs)
 
-    def _launch(self, run: _Run, fn_data: bytes, payload: bytes) -> None:
+    def _launch(self, runs: list[_Run]) -> None:
+        """Dispatch ``runs``, or queue those beyond the limit of tasks in flight."""
+        ready = []
+        with self._lock:
+            if self._cancelling:
+                cancelled, runs = runs, []
+            else:
+                cancelled = []
+            for run in runs:
+                if self._limit is None or self._running < self._limit:
+                    self._running += 1
+                    ready.append(run)
+                else:
+                    self._queue.append(run)
+        for run in cancelled:
+            self._fail(run.job, run.lo, run.hi, lambda i: CancelledError())
+        for run in ready:
+            if not self._dispatch(run):
+                self._free_slot()
+
+    def _free_slot(self) -> None:
+        """A task in flight ended: dispatch the next queued run in its place."""
+        while True:
+            with self._lock:
+                if not self._queue or self._cancelling:
+                    self._running -= 1
+                    return
+                run = self._queue.popleft()
+            if self._dispatch(run):
+                return
+
+    def _dispatch(self, run: _Run) -> bool:
+        """Submit ``run`` to Dask in a slot taken for it; False if it was not."""
         job = run.job
+        if not job.sink.start():
+            with self._lock:  # the job was cancelled: drop its items
+                self._outstanding -= run.hi - run.lo
+                if self._outstanding == 0:
+                    self._idle.notify_all()
+            return False
         run.key = f"{_key_prefix(job.fn)}-{uuid.uuid4().hex}"
-        timeout = job.options.timeout
-        started = None
+        timed = job.options.timeout is not None
+        subscribe = False
         with self._lock:
             cancelled = self._cancelling
             if not cancelled:
                 self._inflight[run.key] = run
-                if timeout is not None and self._deadlines is None:
+                if timed and self._deadlines is None:
                     self._deadlines = _Deadlines(self._expire)
                     subscribe = True
-                else:
-                    subscribe = False
         if cancelled:
             self._fail(job, run.lo, run.hi, lambda i: CancelledError())
-            return
-        if timeout is not None:
-            if subscribe:
-                self._client.subscribe_topic(self._topic, self._on_started)
-                self._subscribed = True
-            started = (self._topic, run.key)
+            return False
+        if subscribe:
+            self._client.subscribe_topic(self._topic, self._on_started)
+            self._subscribed = True
+        started = (self._topic, run.key) if timed else None
+        marker = None if self._markers is None else os.path.join(self._markers, run.key)
         try:
             future = self._client.submit(
-                _run_remote, fn_data, payload, started, key=run.key, pure=False
+                _run_remote, run.fn_data, run.payload, started, marker, key=run.key, pure=False
             )
         except Exception as exc:
             if self._take(run):
-                self._fail(job, run.lo, run.hi, lambda i: _lost(job, exc))
-            return
+                self._fail(job, run.lo, run.hi, _copies(_lost(job, exc)))
+            return True
         run.future = future
         future.add_done_callback(partial(self._on_done, run))
+        return True
 
     # -- outcomes --------------------------------------------------------------
 
     def _take(self, run: _Run) -> bool:
         """Claim ``run``'s outcome: True for exactly one of its deliverers."""
         with self._lock:
-            return self._inflight.pop(run.key, None) is run
+            taken = self._inflight.pop(run.key, None) is run
+        if taken:
+            if self._markers is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self._markers, run.key))
+            self._free_slot()
+        return taken
 
     def _deliver(
-        self, job: Job, lo: int, values: Sequence[Any], errors: dict[int, BaseException],
+        self,
+        job: Job,
+        lo: int,
+        values: Sequence[Any],
+        errors: dict[int, BaseException],
         elapsed: float,
     ) -> None:
         try:
@@ -442,28 +536,63 @@ class DaskBackend:
             self._deliver(job, lo, [None] * (hi - lo), {i: error(i) for i in range(lo, hi)}, 0.0)
 
     def _on_done(self, run: _Run, future: Any) -> None:
-        """The Dask future of ``run`` finished (on Dask's callback thread)."""
-        with self._lock:
-            if self._inflight.get(run.key) is not run:
-                return  # timed out or cancelled: already delivered
-        job = run.job
+        """The Dask future of ``run`` is done (on Dask's callback thread): pass it on."""
+        with self._done_cond:
+            self._done.append(run)
+            self._done_cond.notify()
+
+    def _collect(self) -> None:
+        """The collector thread: fetch and deliver the outcomes of done runs.
+
+        The results of all the runs done meanwhile are fetched in one
+        ``gather``, so under load one round trip serves many tasks.
+        """
+        while True:
+            with self._done_cond:
+                while not self._done and not self._stopping:
+                    self._done_cond.wait()
+                if not self._done:
+                    return
+                batch = list(self._done)
+                self._done.clear()
+            with self._lock:
+                batch = [run for run in batch if self._inflight.get(run.key) is run]
+            finished = {run.key: run.future for run in batch if run.future.status == "finished"}
+            data: dict[str, Any] = {}
+            if finished:
+                with contextlib.suppress(Exception):  # then each on its own, below
+                    data = self._client.gather(finished, errors="skip")
+            for run in batch:
+                self._outcome(run, data.get(run.key))
+
+    def _outcome(self, run: _Run, data: bytes | None) -> None:
+        job, future = run.job, run.future
+        if future.status in ("lost", "pending"):
+            # Its worker died holding the result: Dask runs it again.
+            future.add_done_callback(partial(self._on_done, run))
+            return
+        outcome: Any = None
+        error: BaseException | None = None
         try:
             if future.status == "finished":
-                outcome = loads(future.result(), "the result")
-                error = None
+                outcome = loads(data if data is not None else future.result(), "the result")
             elif future.status == "error":
-                outcome, error = None, future.exception()
+                error = future.exception()
             else:
-                outcome, error = None, CancelledError(f"Dask reports {future.status!r}")
+                error = CancelledError(f"Dask reports the task {future.status}")
         except BaseException as exc:
-            outcome, error = None, exc
+            error = exc
         future.release()
+        killed = isinstance(error, self._killed_worker)
+        ran = killed and (
+            self._markers is None or os.path.exists(os.path.join(self._markers, run.key))
+        )
         if not self._take(run):
-            return
+            return  # timed out or cancelled meanwhile: delivered already
         if error is None:
             self._finished(run, outcome)
-        elif isinstance(error, self._killed_worker):
-            self._crashed(run, error)
+        elif killed:
+            self._crashed(run, error, ran)
         elif isinstance(error, CancelledError):
             # Not by parfn: the client lost the scheduler, or the cluster closed.
             self._fail(job, run.lo, run.hi, lambda i: _lost(job, error))
@@ -484,7 +613,7 @@ class DaskBackend:
         if not retry:
             self._deliver(job, lo, values, errors, elapsed)
             return
-        # Deliver the rest; run the items that raised again, each on its own.
+        # Deliver the others; run each item that raised again, on its own.
         start = lo
         for i in [*retry, hi - lo]:
             if lo + i > start:
@@ -492,34 +621,29 @@ class DaskBackend:
                 share = elapsed * (lo + i - start) / (hi - lo)
                 self._deliver(job, start, values[start - lo : i], part, share)
             start = lo + i + 1
-        self._relaunch(job, [lo + i for i in retry], run.tries + 1)
+        self._launch_each(job, [lo + i for i in retry], run.tries + 1, run.fn_data)
 
-    def _crashed(self, run: _Run, error: BaseException) -> None:
+    def _crashed(self, run: _Run, error: BaseException, ran: bool) -> None:
+        """``run``'s worker died; ``ran``: unless it surely had not started."""
         job = run.job
+        if not ran:
+            # Queued behind the task that killed the worker: not its fault.
+            self._launch([_Run(job, run.lo, run.hi, run.tries, run.fn_data, run.payload)])
+            return
         if run.hi - run.lo > 1:
             # Find the item that crashed: run each again on its own.
-            self._relaunch(job, list(range(run.lo, run.hi)), run.tries)
+            self._launch_each(job, range(run.lo, run.hi), run.tries, run.fn_data)
             return
         # A cluster parfn did not start may have re-run it already.
         tries = run.tries + 1 + int(getattr(error, "allowed_failures", 0) or 0)
         if tries <= job.options.retries:
-            self._relaunch(job, [run.lo], tries)
+            self._launch_each(job, [run.lo], tries, run.fn_data)
             return
         text = (
             f"{_name(job.fn)} was running when its Dask worker process died (a signal, "
             f"os._exit, a segfault or running out of memory): {error}"
         )
         self._fail(job, run.lo, run.hi, lambda i: WorkerCrashed(text))
-
-    def _relaunch(self, job: Job, indexes: list[int], tries: int) -> None:
-        try:
-            fn_data = dump_function(job.fn)
-        except SerializationError as err:
-            for i in indexes:
-                self._fail(job, i, i + 1, lambda _: SerializationError(str(err)))
-            return
-        for i in indexes:
-            self._launch_each(job, i, i + 1, tries, fn_data)
 
     # -- timeouts --------------------------------------------------------------
 
@@ -539,14 +663,14 @@ class DaskBackend:
     def _expire(self, key: str) -> None:
         """An item's deadline passed (on the deadline thread)."""
         with self._lock:
-            run = self._inflight.pop(key, None)
-        if run is None:
+            run = self._inflight.get(key)
+        if run is None or not self._take(run):
             return  # it finished in time
         if run.future is not None:
             run.future.cancel()
         job = run.job
         if run.tries < job.options.retries:
-            self._relaunch(job, [run.lo], run.tries + 1)
+            self._launch_each(job, [run.lo], run.tries + 1, run.fn_data)
             return
         text = (
             f"{_name(job.fn)} ran past its timeout of {job.options.timeout:g} s; its Dask "
@@ -555,25 +679,53 @@ class DaskBackend:
         )
         self._fail(job, run.lo, run.hi, lambda i: TaskTimeout(text))
 
-    # -- shutting down ---------------------------------------------------------
+    # -- cancelling and shutting down -----------------------------------------------
+
+    def cancel(self, job: Job) -> bool:
+        """Drop ``job``'s runs that wait here for a worker thread; on a cluster
+        parfn did not start (where nothing waits here), cancel its Dask futures,
+        which stops those Dask has not started yet. A running item runs on."""
+        with self._lock:
+            queued = [run for run in self._queue if run.job is job]
+            for run in queued:
+                self._queue.remove(run)
+            inflight = []
+            if self._limit is None:
+                inflight = [run for run in self._inflight.values() if run.job is job]
+                for run in inflight:
+                    del self._inflight[run.key]
+            dropped = sum(run.hi - run.lo for run in [*queued, *inflight])
+            self._outstanding -= dropped
+            if dropped and self._outstanding == 0:
+                self._idle.notify_all()
+        futures = [run.future for run in inflight if run.future is not None]
+        if futures:
+            with contextlib.suppress(Exception):  # a client gone: so are its futures
+                self._client.cancel(futures)
+        for _ in inflight:
+            self._free_slot()
+        return bool(queued or inflight)
 
     def shutdown(self, wait: bool, cancel_pending: bool) -> None:
-        """Stop; close the client and LocalCluster parfn started, never a user's."""
+        """Stop; close the client and LocalCluster parfn started, never a user's.
+
+        Idempotent, except that a later call with ``cancel_pending`` still
+        cancels what an earlier one left running.
+        """
+        runs: list[_Run] = []
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            runs: list[_Run] = []
-            if cancel_pending:
+            first, self._closed = not self._closed, True
+            if cancel_pending and not self._cancelling:
                 self._cancelling = True
-                runs = list(self._inflight.values())
+                runs = [*self._inflight.values(), *self._queue]
                 self._inflight.clear()
+                self._queue.clear()
+        if not first and not cancel_pending:
+            return
         if runs:
             futures = [run.future for run in runs if run.future is not None]
-            try:
+            with contextlib.suppress(Exception):  # a client gone: so are its futures
                 self._client.cancel(futures)
-            except Exception:
-                pass  # the client is gone already: so are its futures
             for run in runs:
                 self._fail(run.job, run.lo, run.hi, lambda i: CancelledError())
         if wait or cancel_pending:
@@ -594,28 +746,37 @@ class DaskBackend:
         self._close()
 
     def _close(self) -> None:
+        """Release what parfn holds on the cluster (once, whoever calls first)."""
         with self._lock:
+            if self._released:
+                return
+            self._released = True
             deadlines, self._deadlines = self._deadlines, None
         if deadlines is not None:
             deadlines.stop()
+        with self._done_cond:
+            self._stopping = True
+            self._done_cond.notify()
+        if self._collector is not None and self._collector is not threading.current_thread():
+            self._collector.join()
         client = getattr(self, "_client", None)
         if client is not None and not self._owns_client:
             # Leave the user's client as it was.
             if self._subscribed:
-                try:
+                with contextlib.suppress(Exception):
                     client.unsubscribe_topic(self._topic)
-                except Exception:
-                    pass
             if self._plugin_name is not None:
-                try:
+                with contextlib.suppress(Exception):
                     client.unregister_worker_plugin(self._plugin_name)
-                except Exception:
-                    pass
             return
-        if client is not None:
-            client.close()
-        if self._cluster is not None:
-            self._cluster.close()
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            if self._cluster is not None:
+                self._cluster.close()
+            if self._markers is not None:
+                shutil.rmtree(self._markers, ignore_errors=True)
 
 
 def _key_prefix(fn: Callable[..., Any]) -> str:
