@@ -147,6 +147,29 @@ def run_process(argv: list[str], cap_s: float, env: dict[str, str]) -> tuple[boo
     return in_time, tail
 
 
+def other_cpu_busy(window_s: float = 0.2) -> float | None:
+    """The share of the machine's CPU time used over ``window_s`` while the harness waits.
+
+    Nothing of the harness runs meanwhile, so this is the load of other processes,
+    which skews every measurement of the round that follows.
+    """
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except OSError:
+        return None
+    total = total1 - total0
+    return (total - (idle1 - idle0)) / total if total > 0 else None
+
+
 def available(name: str, env: dict[str, str]) -> str:
     """Why the system cannot be used here, or "" if it can."""
     probe = _systems.SYSTEMS[name].probe
@@ -435,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {n: _systems.version(n) for n in systems},
         "skipped": skipped,
         "loadavg_start": os.getloadavg(),
+        "other_cpu_busy": [],
         "profile": profile,
     }
     results: list[dict[str, Any]] = []
@@ -447,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         if key == "imap":
             cap = params["run_s"] + params["settle_s"] + params["pause_s"] + 30
         for rep in range(params["reps"]):
+            meta["other_cpu_busy"].append(other_cpu_busy())
             shift = rep % len(names)
             for name in names[shift:] + names[:shift]:
                 if name != "floor" and key in _systems.SYSTEMS[name].lacks:
@@ -476,6 +501,17 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{_systems.SYSTEMS[n].label} {v}" for n, v in meta["versions"].items() if v)
         + ".",
     ]
+    busy = [b for b in meta["other_cpu_busy"] if b is not None]
+    if busy:
+        out.append(
+            f"CPU used by other processes while the harness idled before each round: median "
+            f"{statistics.median(busy):.0%}, max {max(busy):.0%} of the machine."
+        )
+        if statistics.median(busy) > 0.15:
+            out.append(
+                "Warning: the machine was busy with other work: speed-ups, rates and spreads "
+                "are pessimistic and noisier than on an idle machine."
+            )
     if skipped:
         out.append(
             "Not available: "

@@ -105,6 +105,8 @@ BY_DESIGN: dict[str, str] = {
     ),
 }
 
+FIXTURE_TIMEOUT = 60.0
+"""Seconds the class and module fixtures between and after tests may take."""
 OUTCOME_PASS = ("pass", "flaky")
 OUTCOME_BAD = ("fail", "error", "timeout", "crash")
 
@@ -160,8 +162,8 @@ class EventResult(unittest.TestResult):
         self.events.write(json.dumps(record) + "\n")
         self.events.flush()
 
-    def _arm(self) -> None:
-        faulthandler.dump_traceback_later(self.timeout, exit=True, file=sys.stderr)
+    def _arm(self, timeout: float | None = None) -> None:
+        faulthandler.dump_traceback_later(timeout or self.timeout, exit=True, file=sys.stderr)
 
     def startTest(self, test: unittest.TestCase) -> None:
         super().startTest(test)
@@ -172,8 +174,9 @@ class EventResult(unittest.TestResult):
         self._arm()
 
     def stopTest(self, test: unittest.TestCase) -> None:
-        # Re-armed, not cancelled: class and module tear-down are bounded too.
-        self._arm()
+        # Re-armed, not cancelled: class and module set-up and tear-down are
+        # bounded too. A hang there is reported for the class, not for a test.
+        self._arm(min(self.timeout, FIXTURE_TIMEOUT))
         super().stopTest(test)
         self._write(
             event="end", test=test.id(), duration=time.monotonic() - self.started, **self.outcome
@@ -264,9 +267,13 @@ def discover(patterns: list[str]) -> dict[str, list[str]]:
 
 
 def run_class(
-    against: str, cls: str, tests: list[str], out: Path, timeout: float, log: Any
+    against: str, cls: str, tests: list[str], out: Path, timeout: float, log: Any, notes: list[str]
 ) -> dict[str, dict[str, Any]]:
-    """Run ``tests`` of ``cls`` in children until each has an outcome."""
+    """Run ``tests`` of ``cls`` in children until each has an outcome.
+
+    A child that hangs or dies after its last test (in a class or module
+    tear-down) adds a line to ``notes``.
+    """
     results: dict[str, dict[str, Any]] = {}
     remaining = list(tests)
     while remaining:
@@ -327,6 +334,12 @@ def run_class(
             )
             results[started] = {"outcome": how, "detail": detail, "duration": 0.0, "traceback": ""}
         left = [t for t in remaining if t not in results]
+        if not left and started is None and proc.returncode != 0:
+            notes.append(
+                f"{against} {cls}: after its last test the run "
+                + ("hung in tear-down" if proc.returncode == 1 else "died")
+                + f" (exit code {proc.returncode}); see the log"
+            )
         if left and started is None:
             # The child ended without starting them: a fixture failed, or it died
             # between tests. Either way they cannot run in this class.
@@ -345,16 +358,17 @@ def run_side(against: str, args: argparse.Namespace) -> dict[str, Any]:
     total = sum(len(v) for v in classes.values())
     print(f"[{against}] {total} tests in {len(classes)} classes; log: {out / (against + '.log')}")
     results: dict[str, Any] = {}
+    notes: list[str] = []
     started = time.monotonic()
     with open(out / f"{against}.log", "w", encoding="utf-8") as log:
         for cls, tests in classes.items():
             t0 = time.monotonic()
-            got = run_class(against, cls, tests, out, args.test_timeout, log)
+            got = run_class(against, cls, tests, out, args.test_timeout, log, notes)
             bad = [t for t in tests if got[t]["outcome"] in OUTCOME_BAD]
             for _ in range(args.reruns):
                 if not bad:
                     break
-                again = run_class(against, cls, bad, out, args.test_timeout, log)
+                again = run_class(against, cls, bad, out, args.test_timeout, log, notes)
                 for t in bad:
                     got[t]["first"] = dict(got[t])
                     if again[t]["outcome"] in OUTCOME_PASS:
@@ -371,8 +385,16 @@ def run_side(against: str, args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - started),
         "selection": args.k,
+        "notes": notes,
         "tests": results,
     }
+    previous = load(out / f"{against}.json")
+    if args.k and previous is not None:
+        # A selection updates the last full run's results in place.
+        previous["tests"].update(results)
+        previous["notes"] = [*previous.get("notes", []), *notes]
+        previous["updated"] = f"{data['date']} ({' '.join(args.k)})"
+        data = previous
     (out / f"{against}.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     return data
 

@@ -94,7 +94,7 @@ def _children_of(pid: int) -> dict[int, str]:
 
 def _is_helper(cmdline: str) -> bool:
     """multiprocessing's long-lived helpers (forkserver, resource tracker) are not workers."""
-    return "forkserver" in cmdline and "main(" in cmdline or "resource_tracker" in cmdline
+    return ("forkserver" in cmdline and "main(" in cmdline) or "resource_tracker" in cmdline
 
 
 def _workers_alive() -> dict[int, str]:

@@ -59,7 +59,7 @@ def test_map_keeps_input_order_with_uneven_durations(pool: parfn.Pool) -> None:
 def test_imap_reads_an_endless_generator_only_a_window_ahead(pool: parfn.Pool) -> None:
     pulled = itertools.count()
 
-    def endless():  # noqa: ANN202
+    def endless():
         for i in itertools.count():
             next(pulled)
             yield i
@@ -227,7 +227,11 @@ def test_default_pool_starts_lazily_and_shutdown_restarts_it() -> None:
 def test_with_block_is_scoped_to_its_thread() -> None:
     seen: list[bool] = []
     with parfn.Pool(1, backend="serial"):
-        t = threading.Thread(target=lambda: seen.append(funcs.cube.apply(0) == 0 and funcs.in_worker.__name__ == "in_worker"))
+        t = threading.Thread(
+            target=lambda: seen.append(
+                funcs.cube.apply(0) == 0 and funcs.in_worker.__name__ == "in_worker"
+            )
+        )
         t.start()
         t.join(T)
         # in this thread, serial: runs here
@@ -347,6 +351,5 @@ def test_bad_options() -> None:
         parallel(timeout=-1)(funcs.square)
     with pytest.raises(TypeError, match="retries"):
         funcs.cube.options(retries="3")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="chunksize"):
-        with parfn.Pool(1, backend="serial") as p:
-            p.map(funcs.square, [1], chunksize=0)
+    with pytest.raises(ValueError, match="chunksize"), parfn.Pool(1, backend="serial") as p:
+        p.map(funcs.square, [1], chunksize=0)

@@ -216,10 +216,6 @@ def test_retries_rerun_an_item_that_raised_at_most_that_many_times(
     assert _calls(failed) == 2
 
 
-@pytest.mark.filterwarnings(
-    # The timed-out item runs on in its worker; Dask may warn when it ends.
-    "ignore:.*cancelled.*:UserWarning"
-)
 def test_timeout_raises_task_timeout_and_fails_only_its_item(
     pool: parfn.Pool, tmp_path: Path
 ) -> None:
@@ -264,10 +260,6 @@ def test_shutdown_waits_for_submitted_tasks(pool: parfn.Pool) -> None:
 # -- clusters started here: crashes, initializer, cancel, close ---------------------
 
 
-@pytest.mark.filterwarnings(
-    # distributed's own notice when a nanny restarts a worker that was killed
-    "ignore:.*[Rr]estarting worker.*:UserWarning"
-)
 def test_a_killed_worker_fails_its_item_alone_and_the_pool_goes_on(tmp_path: Path) -> None:
     with parfn.Pool(2, backend="dask") as p:
         cluster = p._backend._cluster  # type: ignore[attr-defined]
@@ -283,7 +275,6 @@ def test_a_killed_worker_fails_its_item_alone_and_the_pool_goes_on(tmp_path: Pat
     assert cluster.status.name == "closed", "the LocalCluster parfn started is still running"
 
 
-@pytest.mark.filterwarnings("ignore:.*[Rr]estarting worker.*:UserWarning")
 def test_crash_retries_count_the_runs_a_users_cluster_made(tmp_path: Path) -> None:
     # A cluster that re-runs a task once when its worker dies: that run counts.
     with (
@@ -303,9 +294,10 @@ def test_crash_retries_count_the_runs_a_users_cluster_made(tmp_path: Path) -> No
 
 
 def test_initializer_and_leaving_by_an_exception(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="boom"), parfn.Pool(
-        1, backend="dask", initializer=set_env, initargs=("hi",)
-    ) as p:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        parfn.Pool(1, backend="dask", initializer=set_env, initargs=("hi",)) as p,
+    ):
         cluster = p._backend._cluster  # type: ignore[attr-defined]
         assert p.map(read_env, range(4), chunksize=1) == ["hi"] * 4
         running = p.spawn(sleep_then, 30)
@@ -334,7 +326,7 @@ def test_bad_options(client: Any) -> None:
         parfn.Pool(2, backend="dask", client=client)
     with pytest.raises(ValueError, match="not both"):
         parfn.Pool(backend="dask", client=client, address="tcp://127.0.0.1:1")
-    with pytest.raises(TypeError, match="distributed.Client"):
+    with pytest.raises(TypeError, match=re.escape("distributed.Client")):
         parfn.Pool(backend="dask", client="tcp://127.0.0.1:1")
     with pytest.raises(ValueError, match="process backend only"):
         parfn.Pool(backend="dask", start_method="spawn")

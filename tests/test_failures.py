@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import pickle
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -56,10 +55,10 @@ def test_sigkill_message_mentions_memory(process_pool: parfn.Pool) -> None:
 
 
 @pytest.mark.parametrize("chunksize", [1, 4, None])
-def test_a_crash_in_map_fails_only_that_item(process_pool: parfn.Pool, chunksize: int | None) -> None:
-    out = process_pool.map(
-        funcs.crash_on, range(12), return_exceptions=True, chunksize=chunksize
-    )
+def test_a_crash_in_map_fails_only_that_item(
+    process_pool: parfn.Pool, chunksize: int | None
+) -> None:
+    out = process_pool.map(funcs.crash_on, range(12), return_exceptions=True, chunksize=chunksize)
     assert isinstance(out[3], parfn.WorkerCrashed)
     assert "crash_on()" in str(out[3])
     assert out[:3] + out[4:] == [i for i in range(12) if i != 3]
@@ -241,24 +240,60 @@ def identity_arg(x: Any) -> str:
 
 FAILURES: list[Any] = [
     # (what the task does, what the caller gets, a text the message must contain)
-    pytest.param(lambda p: p.apply(identity_arg, PickleRaises()), parfn.SerializationError,
-                 "argument 1", id="argument-cannot-pickle"),
-    pytest.param(lambda p: p.apply(identity_arg, threading.Lock()), parfn.SerializationError,
-                 "lock", id="argument-lock"),
-    pytest.param(lambda p: p.apply(identity_arg, UnpickleRaises()), parfn.SerializationError,
-                 "unpickle", id="argument-cannot-unpickle"),
-    pytest.param(lambda p: p.apply(identity_arg, UnpickleExits()), parfn.WorkerCrashed,
-                 "loading the arguments", id="argument-unpickle-exits"),
-    pytest.param(lambda p: p.apply(return_value, "pickle"), parfn.SerializationError,
-                 "the result", id="result-cannot-pickle"),
-    pytest.param(lambda p: p.apply(return_value, "lock"), parfn.SerializationError,
-                 "the result", id="result-lock"),
-    pytest.param(lambda p: p.apply(return_value, "unpickle"), parfn.SerializationError,
-                 "unpickle", id="result-cannot-unpickle"),
-    pytest.param(lambda p: p.apply(raise_error, "pickle"), parfn.RemoteError,
-                 "carries a lock", id="exception-cannot-pickle"),
-    pytest.param(lambda p: p.apply(raise_error, "unpickle"), parfn.RemoteError,
-                 "BadInitError", id="exception-cannot-unpickle"),
+    pytest.param(
+        lambda p: p.apply(identity_arg, PickleRaises()),
+        parfn.SerializationError,
+        "argument 1",
+        id="argument-cannot-pickle",
+    ),
+    pytest.param(
+        lambda p: p.apply(identity_arg, threading.Lock()),
+        parfn.SerializationError,
+        "lock",
+        id="argument-lock",
+    ),
+    pytest.param(
+        lambda p: p.apply(identity_arg, UnpickleRaises()),
+        parfn.SerializationError,
+        "unpickle",
+        id="argument-cannot-unpickle",
+    ),
+    pytest.param(
+        lambda p: p.apply(identity_arg, UnpickleExits()),
+        parfn.WorkerCrashed,
+        "loading the arguments",
+        id="argument-unpickle-exits",
+    ),
+    pytest.param(
+        lambda p: p.apply(return_value, "pickle"),
+        parfn.SerializationError,
+        "the result",
+        id="result-cannot-pickle",
+    ),
+    pytest.param(
+        lambda p: p.apply(return_value, "lock"),
+        parfn.SerializationError,
+        "the result",
+        id="result-lock",
+    ),
+    pytest.param(
+        lambda p: p.apply(return_value, "unpickle"),
+        parfn.SerializationError,
+        "unpickle",
+        id="result-cannot-unpickle",
+    ),
+    pytest.param(
+        lambda p: p.apply(raise_error, "pickle"),
+        parfn.RemoteError,
+        "carries a lock",
+        id="exception-cannot-pickle",
+    ),
+    pytest.param(
+        lambda p: p.apply(raise_error, "unpickle"),
+        parfn.RemoteError,
+        "BadInitError",
+        id="exception-cannot-unpickle",
+    ),
 ]
 
 
@@ -322,7 +357,7 @@ def test_soak_10000_tasks_from_8_threads() -> None:
             tasks = [funcs.cube.spawn(i) for i in range(k * 1250, (k + 1) * 1250)]
             got = [t.result(timeout=T) for t in tasks]
             assert got == [i**3 for i in range(k * 1250, (k + 1) * 1250)]
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=submit, args=(k,)) for k in range(8)]
@@ -333,5 +368,3 @@ def test_soak_10000_tasks_from_8_threads() -> None:
     assert not errors, errors
     assert not any(t.is_alive() for t in threads)
     assert funcs.cube.apply(3) == 27
-
-

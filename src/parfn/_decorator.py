@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
-
 from types import EllipsisType
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from . import _runtime, _serialize
 from ._task import Task
@@ -35,6 +34,7 @@ class Parallel(Generic[P, R]):
     """
 
     _parfn_parallel = True  # how a worker recognises one without importing this module
+    __qualname__: str  # set by functools.update_wrapper
 
     def __init__(self, fn: Callable[P, R], options: Options) -> None:
         functools.update_wrapper(self, fn)
@@ -67,7 +67,7 @@ class Parallel(Generic[P, R]):
         return (Parallel, (self.__wrapped__, self._parfn_options))
 
     def options(
-        self, *, timeout: float | None | EllipsisType = ..., retries: int | None = None
+        self, *, timeout: float | EllipsisType | None = ..., retries: int | None = None
     ) -> Parallel[P, R]:
         """A copy with other per-task options.
 

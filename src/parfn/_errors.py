@@ -4,7 +4,8 @@ The tree::
 
     ParfnError
     ├── RemoteError          the task raised an exception that could not travel back
-    ├── SerializationError   an argument or a result could not be pickled (also pickle.PicklingError)
+    ├── SerializationError   an argument or a result could not be pickled
+    │                        (also pickle.PicklingError)
     ├── WorkerCrashed        the worker running the task died (also BrokenProcessPool)
     ├── TaskTimeout          the task ran past its timeout (also TimeoutError)
     └── PoolClosed           the pool was used after its shutdown

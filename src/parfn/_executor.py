@@ -117,6 +117,7 @@ class ProcessPoolExecutor(Executor):
         self._shutdown_called = False
         self._exiting = False
         self._at_exit: Callable[[], None] | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         # Tasks submitted and not yet collected, for shutdown(cancel_futures=True).
         # The pool holds every task it has yet to finish, so a weak set loses none.
         self._tasks: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
@@ -135,6 +136,10 @@ class ProcessPoolExecutor(Executor):
                 initializer=self._initializer,
                 initargs=self._initargs,
             )
+            # An executor dropped without shutdown() lets its tasks finish and
+            # then closes its pool, as the standard library's does.
+            self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
+            self._finalizer.atexit = False
             # Registered after the pool started, so it runs before any exit hook
             # of the pool's own: the tasks finish, then the pool closes.
             self._at_exit = _exit_hook(weakref.ref(self))
@@ -228,6 +233,8 @@ class ProcessPoolExecutor(Executor):
             Future.cancel(task)  # not Task.cancel: a running task is left to finish
         if at_exit is not None:
             atexit.unregister(at_exit)
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if pool is not None:
             pool.shutdown(wait=wait)
 

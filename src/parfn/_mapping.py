@@ -80,9 +80,9 @@ class MapRun:
         self.ordered = ordered
         self.chunksize = chunksize
         self.bar = open_progress(progress, total, desc)
-        self.inbox: queue.SimpleQueue[tuple[_Chunk, int, Sequence[Any], dict[int, BaseException], float]] = (
-            queue.SimpleQueue()
-        )
+        self.inbox: queue.SimpleQueue[
+            tuple[_Chunk, int, Sequence[Any], dict[int, BaseException], float]
+        ] = queue.SimpleQueue()
         self.abandoned = False
         self.window = 2 * max(1, backend.workers)
         self.per_item: float | None = None
@@ -171,7 +171,9 @@ class MapRun:
             self.bar.update(n)
 
     @staticmethod
-    def _outcomes(chunk: _Chunk, lo: int, hi: int) -> Iterator[tuple[int, Any, BaseException | None]]:
+    def _outcomes(
+        chunk: _Chunk, lo: int, hi: int
+    ) -> Iterator[tuple[int, Any, BaseException | None]]:
         errors = chunk.errors
         first = chunk.first
         values = chunk.values

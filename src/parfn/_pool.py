@@ -375,7 +375,9 @@ class Pool:
         if not iterables:
             raise TypeError("imap() needs at least one iterable")
         items = ((a, _NO_KWARGS) for a in zip(*iterables))
-        run = self._run(fn, items, _length(iterables), ordered=True, chunksize=chunksize, progress=progress)
+        run = self._run(
+            fn, items, _length(iterables), ordered=True, chunksize=chunksize, progress=progress
+        )
         return _values(run)
 
     def imap_unordered(
@@ -390,7 +392,9 @@ class Pool:
         if not iterables:
             raise TypeError("imap_unordered() needs at least one iterable")
         items = ((a, _NO_KWARGS) for a in zip(*iterables))
-        run = self._run(fn, items, _length(iterables), ordered=False, chunksize=chunksize, progress=progress)
+        run = self._run(
+            fn, items, _length(iterables), ordered=False, chunksize=chunksize, progress=progress
+        )
         return _values(run)
 
 

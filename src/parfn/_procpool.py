@@ -243,7 +243,7 @@ class _Worker:
         self.process = process
         self.channel = channel
         self.slot = slot
-        self.status = memoryview(slot).cast("B").cast("d")
+        self.status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
         self.runs: OrderedDict[int, _Work] = OrderedDict()  # in flight, in send order
         self.batches = 0  # Batch frames sent and not yet answered
         self.fns: set[int] = set()  # function ids this worker has been sent
@@ -324,7 +324,9 @@ class ProcessPool:
             if not forkserver._forkserver._forkserver_pid:  # type: ignore[attr-defined]
                 self._ctx.set_forkserver_preload(["__main__", "parfn._worker"])
         self._max_tasks = max_tasks_per_worker
-        self._init = None if initializer is None else dumps((initializer, initargs), "the initializer")
+        self._init = (
+            None if initializer is None else dumps((initializer, initargs), "the initializer")
+        )
 
         self._lock = threading.Lock()
         self._queue: deque[_Work] = deque()
@@ -661,7 +663,7 @@ class ProcessPool:
             inherited = [*_parent_fds, parent_end.fileno()] if self.start_method == "fork" else []
             process = self._ctx.Process(  # type: ignore[attr-defined]
                 target=worker_main,
-                args=(child_end, slot, parent_pid, self._init, inherited),
+                args=(child_end, slot, parent_pid, os.getpid(), self._init, inherited),
                 name="parfn-worker",
             )
             process.start()
@@ -712,7 +714,8 @@ class ProcessPool:
             if isinstance(message, Results):
                 self._on_results(worker, message)
             elif isinstance(message, InitFailed):
-                self._on_init_failed(worker, message.error)
+                # Its envelope was rebuilt into the exception while decoding.
+                self._on_init_failed(worker, message.error)  # type: ignore[arg-type]
 
     def _on_results(self, worker: _Worker, message: Results) -> None:
         delivered: list[tuple[_Work, Any]] = []

@@ -203,7 +203,12 @@ class ExceptionEnvelope:
         self.data: bytes | None
         try:
             # Pickle without the traceback chain: the text carries it.
-            cause, context, exc.__cause__, exc.__context__ = exc.__cause__, exc.__context__, None, None
+            cause, context, exc.__cause__, exc.__context__ = (
+                exc.__cause__,
+                exc.__context__,
+                None,
+                None,
+            )
             try:
                 self.data = dumps(exc)
             finally:

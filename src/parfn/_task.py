@@ -89,7 +89,7 @@ class Task(Future[R]):
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
 
     # -- asyncio ------------------------------------------------------------
     def __await__(self) -> Generator[Any, None, R]:

@@ -19,8 +19,10 @@ parent that decides what to stop.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -51,8 +53,14 @@ IN_WORKER = False
 """True in a worker process of the process backend (read by ``parfn.in_worker``)."""
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies."""
+def _die_with_parent(parent_pid: int, owner_pid: int) -> None:
+    """End this process when the pool's process dies, even by SIGKILL.
+
+    Two guards: Linux's parent-death signal (for fork and spawn, the parent is
+    the pool's process), and a thread that waits on a pidfd of the pool's
+    process (for forkserver, whose server is the parent and does not exit
+    while its children live).
+    """
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -62,14 +70,26 @@ def _die_with_parent(parent_pid: int) -> None:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         except Exception:  # pragma: no cover - no libc
             pass
-    if os.getppid() != parent_pid and parent_pid != 0:
+    if parent_pid and os.getppid() != parent_pid:
         os._exit(0)  # the parent is already gone
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(owner_pid)
+        except OSError:
+            os._exit(0)  # it is gone already
+        threading.Thread(target=_watch, args=(pidfd,), name="parfn-watchdog", daemon=True).start()
+
+
+def _watch(pidfd: int) -> None:
+    select.select([pidfd], [], [])  # readable when that process has exited
+    os._exit(1)
 
 
 def worker_main(
     conn: Connection,
     slot: Any,
     parent_pid: int,
+    owner_pid: int,
     init: bytes | None,
     inherited_fds: list[int],
 ) -> None:
@@ -86,8 +106,8 @@ def worker_main(
         except OSError:
             pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
-    status = memoryview(slot).cast("B").cast("d")
+    _die_with_parent(parent_pid, owner_pid)
+    status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
     if init is not None:
         try:
             initializer, initargs = loads(init, "the initializer")
@@ -104,7 +124,7 @@ def _send(conn: Connection, message: Any) -> None:
 
 
 class _Worker:
-    def __init__(self, conn: Connection, status: memoryview) -> None:
+    def __init__(self, conn: Connection, status: Any) -> None:
         self.conn = conn
         self.status = status
         self.functions: dict[int, Callable[..., Any]] = {}
@@ -159,7 +179,9 @@ class _Worker:
                 return Done(run.run_id, run.lo, run.hi, b"", 0.0)
             error = self.broken_functions.get(run.fn_id, exc)
             errors = {i: ExceptionEnvelope(error) for i in range(run.lo, run.hi)}
-            return Done(run.run_id, run.lo, run.hi, dumps(([None] * (run.hi - run.lo), errors)), 0.0)
+            return Done(
+                run.run_id, run.lo, run.hi, dumps(([None] * (run.hi - run.lo), errors)), 0.0
+            )
 
         def before_item(i: int) -> None:
             if run.timed:

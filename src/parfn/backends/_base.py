@@ -44,7 +44,9 @@ class Options:
     def __post_init__(self) -> None:
         if self.timeout is not None:
             if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)):
-                raise TypeError(f"timeout must be a number of seconds or None, not {self.timeout!r}")
+                raise TypeError(
+                    f"timeout must be a number of seconds or None, not {self.timeout!r}"
+                )
             if not self.timeout > 0:
                 raise ValueError(f"timeout must be > 0 seconds, not {self.timeout!r}")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int):

@@ -123,6 +123,20 @@ def _run_remote(
                 os.unlink(marker)
 
 
+_functions: dict[bytes, Callable[..., Any]] = {}
+"""The functions a worker has unpickled, by their bytes (a cache; races are harmless)."""
+
+
+def _load_function(data: bytes) -> Callable[..., Any]:
+    fn = _functions.get(data)
+    if fn is None:
+        fn = load_function(data)
+        if len(_functions) >= 64:
+            _functions.clear()
+        _functions[data] = fn
+    return fn
+
+
 def _run_here(fn_data: bytes, payload: bytes) -> bytes:
     """The pickled tuple ``(values, raised, unsendable, elapsed, failure)``.
 
@@ -133,7 +147,7 @@ def _run_here(fn_data: bytes, payload: bytes) -> bytes:
     Dask-level error means the worker or the cluster failed, not the function.
     """
     try:
-        fn = load_function(fn_data)
+        fn = _load_function(fn_data)
     except Exception as exc:
         failure: BaseException = SerializationError(
             f"the function could not be unpickled in the Dask worker: {exc!r}"
