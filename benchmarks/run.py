@@ -72,12 +72,12 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "map", "`map` of a trivial function over {items:,} items, default chunking", "rate",
-            "", {"reps": 2, "items": 20_000, "chunksize": None},
+            "", {"reps": 2, "items": 8_000, "chunksize": None},
             {"reps": 3, "items": 200_000, "chunksize": None},
         ),
         Workload(
             "map1", "`map` over {items:,} items, `chunksize=1`", "rate", "",
-            {"reps": 2, "items": 5_000, "chunksize": 1},
+            {"reps": 2, "items": 3_000, "chunksize": 1},
             {"reps": 3, "items": 50_000, "chunksize": 1},
         ),
         Workload(
@@ -89,7 +89,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "array", "{mib} MiB float64 array: argument in, same array back", "time",
             "memcpy of the array (`np.copyto`)",
-            {"reps": 1, "mib": 64, "round_trips": 2},
+            {"reps": 1, "mib": 64, "round_trips": 1},
             {"reps": 4, "mib": 64, "round_trips": 2},
         ),
         Workload(

@@ -347,6 +347,8 @@ class ProcessPool:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, None)
         self._pending_failures: list[tuple[Job, int, int, Callable[[], BaseException]]] = []
+        self._watching_writes = False
+        self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
         self._manager = threading.Thread(target=self._manage, name="parfn-manager", daemon=True)
         _live_pools.add(self)
         self._manager.start()
@@ -512,6 +514,8 @@ class ProcessPool:
                 frames.append(encode(Define(state.fn_id, self._fn_data[state.fn_id])))
             work.run_id = next(self._run_ids)
             worker.runs[work.run_id] = work
+            if state.job.options.timeout is not None:
+                self._timed += 1
             runs.append(
                 Run(
                     work.run_id,
@@ -620,8 +624,9 @@ class ProcessPool:
         with self._lock:
             for _ in range(self.workers):
                 self._start_worker()
+        timeout: float | None = None
         while True:
-            for key, events in self._selector.select(self._next_deadline()):
+            for key, events in self._selector.select(timeout):
                 tag = key.data
                 if tag is None:
                     self._drain_wakeup()
@@ -633,7 +638,6 @@ class ProcessPool:
                             tag[1].channel.flush()
                 else:
                     self._on_exit(tag[1])
-            self._check_deadlines()
             self._fail_pending()
             with self._lock:
                 if self._closed and not self._queue:
@@ -643,6 +647,7 @@ class ProcessPool:
                 self._update_write_interest()
                 if self._stopping and not self._queue and not any(w.runs for w in self._workers):
                     break
+            timeout = self._check_deadlines()
         self._close_workers()
 
     def _drain_wakeup(self) -> None:
@@ -699,11 +704,17 @@ class ProcessPool:
             worker.channel.fd = -1
 
     def _update_write_interest(self) -> None:
+        """Watch for writability exactly the pipes with output waiting."""
+        if not self._watching_writes and not self._pending_output():
+            return
+        self._watching_writes = False
         for worker in self._workers:
             fd = worker.channel.fd
             if fd < 0:
                 continue
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.channel.out else 0)
+            if events & selectors.EVENT_WRITE:
+                self._watching_writes = True
             if self._selector.get_key(fd).events != events:
                 self._selector.modify(fd, events, ("pipe", worker))
 
@@ -725,6 +736,8 @@ class ProcessPool:
                 work = worker.runs.pop(done.run_id, None)
                 if work is None:
                     continue
+                if work.state.job.options.timeout is not None:
+                    self._timed -= 1
                 n = work.hi - work.lo
                 worker.items_run += n
                 if done.payload is not None and n:
@@ -772,8 +785,7 @@ class ProcessPool:
     def _on_init_failed(self, worker: _Worker, error: BaseException) -> None:
         """The initializer raised: the worker's runs fail with that error."""
         with self._lock:
-            works = list(worker.runs.values())
-            worker.runs.clear()
+            works = self._take_runs(worker)
             worker.kill_reason = ("init", 0, -1)
         for work in works:
             if not work.state.cancelled:
@@ -781,6 +793,13 @@ class ProcessPool:
                 work.state.job.sink.deliver(
                     work.lo, [None] * n, {i: error for i in range(work.lo, work.hi)}, 0.0
                 )
+
+    def _take_runs(self, worker: _Worker) -> list[_Work]:
+        """Remove and return a worker's in-flight runs. Caller holds ``_lock``."""
+        works = list(worker.runs.values())
+        worker.runs.clear()
+        self._timed -= sum(1 for w in works if w.state.job.options.timeout is not None)
+        return works
 
     def _on_exit(self, worker: _Worker) -> None:
         """A worker's process ended: account for every run it had."""
@@ -795,8 +814,7 @@ class ProcessPool:
             self._workers.remove(worker)
             self._retire(worker)
             self._selector.unregister(process.sentinel)
-            works = [w for w in worker.runs.values() if not w.state.cancelled]
-            worker.runs.clear()
+            works = [w for w in self._take_runs(worker) if not w.state.cancelled]
             failures = self._pending_failures
             requeue: list[_Work] = []
             blamed = False
@@ -910,20 +928,21 @@ class ProcessPool:
                     out.append((worker, now + min(timeouts), 0, -1))
         return out
 
-    def _next_deadline(self) -> float | None:
-        deadlines = [d for _, d, _, _ in self._deadlines()]
-        if not deadlines:
+    def _check_deadlines(self) -> float | None:
+        """Kill workers whose item overran; seconds until the next deadline."""
+        if not self._timed:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
-
-    def _check_deadlines(self) -> None:
         now = time.monotonic()
+        nearest: float | None = None
         for worker, deadline, run_id, index in self._deadlines():
             if deadline <= now and run_id:
                 with self._lock:
                     if worker.read_status()[:2] == (run_id, index) and worker.kill_reason is None:
                         worker.kill_reason = ("timeout", run_id, index)
                         worker.process.kill()
+            elif nearest is None or deadline < nearest:
+                nearest = deadline
+        return None if nearest is None else max(0.0, nearest - now)
 
     # -- closing ------------------------------------------------------------------------
 

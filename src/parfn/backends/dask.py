@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import heapq
+import itertools
 import os
 import re
 import shutil
@@ -61,7 +62,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError
 from functools import partial
@@ -325,7 +326,10 @@ class DaskBackend:
         self._stopping = False  # guarded by _done_cond
         self._collector: threading.Thread | None = None
         self._deadlines: _Deadlines | None = None  # guarded by _lock
-        self._topic = f"parfn-started-{uuid.uuid4().hex}"
+        self._token = uuid.uuid4().hex  # in every key, topic and plugin name of this pool
+        self._keys = itertools.count()
+        self._topic = f"parfn-started-{self._token}"
+        self._functions: OrderedDict[int, tuple[Callable[..., Any], bytes]] = OrderedDict()
         self._plugin_name: str | None = None
         self._subscribed = False
         self._cluster: Any = None  # the LocalCluster parfn started, if any
@@ -373,7 +377,7 @@ class DaskBackend:
                 plugin = _initializer_plugin(
                     dumps((initializer, tuple(initargs)), "the initializer")
                 )
-                name = f"parfn-initializer-{uuid.uuid4().hex}"
+                name = f"parfn-initializer-{self._token}"
                 self._client.register_plugin(plugin, name=name)
                 self._plugin_name = name
             self.workers: int = max(1, sum(self._client.nthreads().values()))
@@ -399,7 +403,7 @@ class DaskBackend:
         n = len(job.items)
         if n == 1:
             # The one case where a pickling error is raised to the caller.
-            run = _Run(job, 0, 1, 0, dump_function(job.fn), self._dump_items(job, 0, 1))
+            run = _Run(job, 0, 1, 0, self._function(job.fn), self._dump_items(job, 0, 1))
             self._add_outstanding(1)
             self._launch([run])
             return
@@ -407,7 +411,7 @@ class DaskBackend:
             return
         self._add_outstanding(n)
         try:
-            fn_data = dump_function(job.fn)
+            fn_data = self._function(job.fn)
         except SerializationError as err:
             self._fail(job, 0, n, _copies(err))
             return
@@ -422,6 +426,21 @@ class DaskBackend:
     def _add_outstanding(self, n: int) -> None:
         with self._lock:
             self._outstanding += n
+
+    def _function(self, fn: Callable[..., Any]) -> bytes:
+        """``fn`` pickled, once per function (by identity, for the last 256)."""
+        key = id(fn)
+        with self._lock:
+            hit = self._functions.get(key)
+            if hit is not None and hit[0] is fn:
+                self._functions.move_to_end(key)
+                return hit[1]
+        data = dump_function(fn)
+        with self._lock:
+            self._functions[key] = (fn, data)
+            if len(self._functions) > 256:
+                self._functions.popitem(last=False)
+        return data
 
     @staticmethod
     def _dump_items(job: Job, lo: int, hi: int) -> bytes:
@@ -486,7 +505,7 @@ class DaskBackend:
                 if self._outstanding == 0:
                     self._idle.notify_all()
             return False
-        run.key = f"{_key_prefix(job.fn)}-{uuid.uuid4().hex}"
+        run.key = f"{_key_prefix(job.fn)}-{self._token}-{next(self._keys)}"
         timed = job.options.timeout is not None
         subscribe = False
         with self._lock:
