@@ -26,6 +26,8 @@ from .backends._base import Backend, Item, Job, Options
 __all__ = ("MapRun",)
 
 TARGET_CHUNK_SECONDS = 0.02
+WINDOW_ITEMS = 512
+"""Small chunks (chunksize=1) may fill the window up to this many items."""
 MAX_CHUNK_UNKNOWN_LENGTH = 4096
 """The largest chunk pulled from an input of unknown length (bounds memory)."""
 
@@ -87,6 +89,7 @@ class MapRun:
         self.window = 2 * max(1, backend.workers)
         self.per_item: float | None = None
         self.pulled = 0
+        self.held = 0  # items submitted and not yet given back
         self.exhausted = False
 
     def __iter__(self) -> Iterator[tuple[int, Any, BaseException | None]]:
@@ -94,7 +97,7 @@ class MapRun:
         interrupted = False
         try:
             while True:
-                while not self.exhausted and len(outstanding) < self.window:
+                while not self.exhausted and self._room(outstanding):
                     chunk = self._submit_next()
                     if chunk is not None:
                         outstanding.append(chunk)
@@ -105,8 +108,10 @@ class MapRun:
                 if self.ordered:
                     while outstanding and outstanding[0].remaining == 0:
                         done = outstanding.pop(0)
+                        self.held -= len(done.values)
                         yield from self._outcomes(done, 0, len(done.values))
                 else:
+                    self.held -= len(values)
                     yield from self._outcomes(chunk, lo, lo + len(values))
                     if chunk.remaining == 0:
                         outstanding.remove(chunk)
@@ -122,6 +127,13 @@ class MapRun:
             if self.bar is not None:
                 self.bar.close()
 
+    def _room(self, outstanding: list[_Chunk]) -> bool:
+        """May another chunk go out? Two per worker, or more while they are
+        small, up to ``WINDOW_ITEMS`` items not yet given back."""
+        if len(outstanding) < self.window:
+            return True
+        return self.held < WINDOW_ITEMS
+
     def _submit_next(self) -> _Chunk | None:
         size = self._next_size()
         batch = list(itertools.islice(self.items, size))
@@ -131,6 +143,7 @@ class MapRun:
             return None
         chunk = _Chunk(self, self.pulled, len(batch))
         self.pulled += len(batch)
+        self.held += len(batch)
         chunk.job = Job(self.fn, batch, self.options, chunk)
         try:
             self.backend.submit(chunk.job)

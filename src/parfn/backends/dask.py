@@ -55,6 +55,7 @@ import contextlib
 import copy
 import heapq
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -266,7 +267,10 @@ class _Deadlines:
                 if self._stopped:
                     return
                 _, key = heapq.heappop(self._heap)
-            self._expire(key)
+            try:
+                self._expire(key)
+            except Exception:  # a bug: say so, and keep the other deadlines
+                logging.getLogger("parfn").exception("expiring task %s failed", key)
 
 
 class DaskBackend:
@@ -381,6 +385,9 @@ class DaskBackend:
                 self._client.register_plugin(plugin, name=name)
                 self._plugin_name = name
             self.workers: int = max(1, sum(self._client.nthreads().values()))
+            # Now, so that it reaches the scheduler before any task's event.
+            self._client.subscribe_topic(self._topic, self._on_started)
+            self._subscribed = True
         except BaseException:
             self._close()
             raise
@@ -507,20 +514,15 @@ class DaskBackend:
             return False
         run.key = f"{_key_prefix(job.fn)}-{self._token}-{next(self._keys)}"
         timed = job.options.timeout is not None
-        subscribe = False
         with self._lock:
             cancelled = self._cancelling
             if not cancelled:
                 self._inflight[run.key] = run
                 if timed and self._deadlines is None:
                     self._deadlines = _Deadlines(self._expire)
-                    subscribe = True
         if cancelled:
             self._fail(job, run.lo, run.hi, lambda i: CancelledError())
             return False
-        if subscribe:
-            self._client.subscribe_topic(self._topic, self._on_started)
-            self._subscribed = True
         started = (self._topic, run.key) if timed else None
         marker = None if self._markers is None else os.path.join(self._markers, run.key)
         try:
@@ -596,7 +598,10 @@ class DaskBackend:
                 with contextlib.suppress(Exception):  # then each on its own, below
                     data = self._client.gather(finished, errors="skip")
             for run in batch:
-                self._outcome(run, data.get(run.key))
+                try:
+                    self._outcome(run, data.get(run.key))
+                except Exception:  # a bug: say so, and keep delivering the others
+                    logging.getLogger("parfn").exception("delivering %r failed", run.job)
 
     def _outcome(self, run: _Run, data: bytes | None) -> None:
         job, future = run.job, run.future
@@ -615,7 +620,8 @@ class DaskBackend:
                 error = CancelledError(f"Dask reports the task {future.status}")
         except BaseException as exc:
             error = exc
-        future.release()
+        with contextlib.suppress(Exception):
+            future.release()
         killed = isinstance(error, self._killed_worker)
         ran = killed and (
             self._markers is None or os.path.exists(os.path.join(self._markers, run.key))
@@ -700,7 +706,8 @@ class DaskBackend:
         if run is None or not self._take(run):
             return  # it finished in time
         if run.future is not None:
-            run.future.cancel()
+            with contextlib.suppress(Exception):  # a client gone: so is its future
+                run.future.cancel()
         job = run.job
         if run.tries < job.options.retries:
             self._launch_each(job, [run.lo], run.tries + 1, run.fn_data)
@@ -743,31 +750,43 @@ class DaskBackend:
         """Stop; close the client and LocalCluster parfn started, never a user's.
 
         Idempotent, except that a later call with ``cancel_pending`` still
-        cancels what an earlier one left running.
+        cancels what an earlier one left running. Ctrl-C while waiting cancels
+        what is left at once.
         """
-        runs: list[_Run] = []
         with self._lock:
             first, self._closed = not self._closed, True
-            if cancel_pending and not self._cancelling:
-                self._cancelling = True
-                runs = [*self._inflight.values(), *self._queue]
-                self._inflight.clear()
-                self._queue.clear()
         if not first and not cancel_pending:
             return
-        if runs:
-            futures = [run.future for run in runs if run.future is not None]
-            with contextlib.suppress(Exception):  # a client gone: so are its futures
-                self._client.cancel(futures)
-            for run in runs:
-                self._fail(run.job, run.lo, run.hi, lambda i: CancelledError())
-        if wait or cancel_pending:
-            self._wait_idle()
-            self._close()
-        else:
+        if cancel_pending:
+            self._cancel_all()
+        if wait and threading.current_thread() is self._collector:
+            wait = False  # called back from a delivery: waiting would wait for itself
+        if not (wait or cancel_pending):
             threading.Thread(
                 target=self._close_when_idle, name="parfn-dask-shutdown", daemon=True
             ).start()
+            return
+        try:
+            self._wait_idle()
+        except BaseException:
+            self._cancel_all()
+            self._close()
+            raise
+        self._close()
+
+    def _cancel_all(self) -> None:
+        """Drop every run, queued or in Dask; each item gets CancelledError."""
+        with self._lock:
+            self._cancelling = True
+            runs = [*self._inflight.values(), *self._queue]
+            self._inflight.clear()
+            self._queue.clear()
+        futures = [run.future for run in runs if run.future is not None]
+        if futures:
+            with contextlib.suppress(Exception):  # a client gone: so are its futures
+                self._client.cancel(futures)
+        for run in runs:
+            self._fail(run.job, run.lo, run.hi, lambda i: CancelledError())
 
     def _wait_idle(self) -> None:
         with self._lock:
