@@ -144,6 +144,7 @@ def test_apply_spawn_await_map_starmap(pool: parfn.Pool) -> None:
 def test_imap_and_imap_unordered(pool: parfn.Pool) -> None:
     assert list(pool.imap(square, range(50), chunksize=3)) == [x * x for x in range(50)]
     assert sorted(pool.imap_unordered(square, range(50))) == [x * x for x in range(50)]
+    assert pool.map(square, range(30), progress=True) == [x * x for x in range(30)]
     pulled = 0
 
     def endless() -> Iterator[int]:
@@ -154,8 +155,11 @@ def test_imap_and_imap_unordered(pool: parfn.Pool) -> None:
 
     it = pool.imap(square, endless(), chunksize=4)
     assert [next(it) for _ in range(20)] == [x * x for x in range(1, 21)]
+    read = pulled
+    time.sleep(0.2)  # give it time to read on, if it would
+    assert pulled == read, "imap kept reading input while nobody asked for results"
+    assert read < 20 + 2 * pool.workers * 4096, f"imap read {read} items ahead"
     it.close()  # type: ignore[attr-defined]
-    assert pulled < 20 + 2 * pool.workers * 4 + 4, f"imap read {pulled} items ahead"
 
 
 def test_a_big_map_is_batched_into_few_dask_tasks(pool: parfn.Pool, cluster: Any) -> None:
@@ -302,9 +306,11 @@ def test_initializer_and_leaving_by_an_exception(tmp_path: Path) -> None:
         assert p.map(read_env, range(4), chunksize=1) == ["hi"] * 4
         running = p.spawn(sleep_then, 30)
         queued = p.spawn(sleep_then, 30)
+        waiting = p.spawn(sleep_then, 30)  # beyond the two per worker sent to Dask
+        assert waiting.cancel()
         time.sleep(0.2)
         raise RuntimeError("boom")
-    assert queued.cancelled()
+    assert queued.cancelled() and waiting.cancelled()
     with pytest.raises(CancelledError):
         running.result(timeout=T)
     assert cluster.status.name == "closed"

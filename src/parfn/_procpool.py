@@ -39,16 +39,16 @@ import multiprocessing
 import os
 import selectors
 import signal
-import struct
 import sys
 import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
+from ._channel import Channel
 from ._errors import PoolClosed, SerializationError, TaskTimeout, WorkerCrashed
 from ._protocol import (
     SLOT_INDEX,
@@ -96,105 +96,6 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-# -- the parent's end of a worker's pipe ----------------------------------------
-
-_HEADER = struct.Struct("!i")
-_LONG_HEADER = struct.Struct("!Q")
-
-
-def _frame(data: bytes) -> bytes:
-    """Frame ``data`` as ``multiprocessing.connection.Connection`` does."""
-    n = len(data)
-    if n > 0x7FFFFFFF:
-        return _HEADER.pack(-1) + _LONG_HEADER.pack(n) + data
-    return _HEADER.pack(n) + data
-
-
-class _Channel:
-    """Non-blocking framed I/O on the parent's end of a worker's pipe.
-
-    Callers hold the pool's ``_lock`` for ``send``/``flush``; only the
-    manager thread reads.
-    """
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.fd: int = conn.fileno()
-        os.set_blocking(self.fd, False)
-        self.inbuf = bytearray()
-        self.out: deque[memoryview] = deque()
-
-    def send(self, frames: Iterable[bytes]) -> None:
-        data = b"".join(_frame(f) for f in frames)
-        if self.out:
-            self.out.append(memoryview(data))
-            return
-        try:
-            n = os.write(self.fd, data)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            return  # the worker is gone; its sentinel will tell the manager
-        if n < len(data):
-            self.out.append(memoryview(data)[n:])
-
-    def flush(self) -> None:
-        while self.out:
-            chunk = self.out[0]
-            try:
-                n = os.write(self.fd, chunk)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.out.clear()
-                return
-            if n < len(chunk):
-                self.out[0] = chunk[n:]
-                return
-            self.out.popleft()
-
-    def read(self) -> tuple[list[bytes], bool]:
-        """Complete frames now readable, and whether the pipe reached its end."""
-        eof = False
-        while True:
-            try:
-                data = os.read(self.fd, 1 << 20)
-            except BlockingIOError:
-                break
-            except OSError:
-                eof = True
-                break
-            if not data:
-                eof = True
-                break
-            self.inbuf += data
-            if len(data) < (1 << 20):
-                break
-        frames: list[bytes] = []
-        buf, pos, end = self.inbuf, 0, len(self.inbuf)
-        while end - pos >= 4:
-            (n,) = _HEADER.unpack_from(buf, pos)
-            start = pos + 4
-            if n == -1:
-                if end - start < 8:
-                    break
-                (n,) = _LONG_HEADER.unpack_from(buf, start)
-                start += 8
-            if end - start < n:
-                break
-            frames.append(bytes(buf[start : start + n]))
-            pos = start + n
-        if pos:
-            del buf[:pos]
-        return frames, eof
-
-    def close(self) -> None:
-        try:
-            self.conn.close()
-        except OSError:  # pragma: no cover
-            pass
-
-
 # -- bookkeeping ------------------------------------------------------------------
 
 
@@ -239,7 +140,7 @@ class _Worker:
         "status",
     )
 
-    def __init__(self, process: Any, channel: _Channel, slot: Any) -> None:
+    def __init__(self, process: Any, channel: Channel, slot: Any) -> None:
         self.process = process
         self.channel = channel
         self.slot = slot
@@ -673,7 +574,7 @@ class ProcessPool:
             )
             process.start()
             child_end.close()
-            worker = _Worker(process, _Channel(parent_end), slot)
+            worker = _Worker(process, Channel(parent_end), slot)
             _parent_fds.add(worker.channel.fd)
         self._workers.append(worker)
         self._selector.register(worker.channel.fd, selectors.EVENT_READ, ("pipe", worker))

@@ -30,11 +30,13 @@ What it guarantees, and what it does not (for the README's backend table):
   hears of it (those runs count against ``retries``, but can exceed it), and
   that when a worker dies during a many-item chunk, its items are run again
   one by one to find the one that crashed, which so runs once more.
-* On a LocalCluster parfn started, ``allowed-failures`` is 0 and parfn sends
-  no more tasks than there are worker threads, so a dying worker fails only
-  the task it ran. ``sink.start()`` is called as a task is sent, so a task
-  still waiting here can be cancelled; on another cluster every task is sent
-  at once, and ``cancel()`` of a task sent to Dask returns False.
+* On a LocalCluster parfn started, ``allowed-failures`` is 0, and a marker
+  file that exists while a task runs tells parfn which of the tasks a dead
+  worker held was running: the others run again, uncounted. parfn sends at
+  most two tasks per worker thread to Dask and keeps the rest here, where
+  they can still be cancelled (``sink.start()`` is called as a task is sent).
+  On another cluster every task is sent at once, so ``cancel()`` of a task
+  returns False there.
 * ``timeout`` is counted from when the client hears that the item started on
   a worker (a few milliseconds after it did). At the deadline the caller gets
   :class:`TaskTimeout` and the Dask future is cancelled, but Dask cannot stop
@@ -382,7 +384,11 @@ class DaskBackend:
                     dumps((initializer, tuple(initargs)), "the initializer")
                 )
                 name = f"parfn-initializer-{self._token}"
-                self._client.register_plugin(plugin, name=name)
+                # register_plugin is distributed >= 2023.9's name for it
+                register = getattr(self._client, "register_plugin", None)
+                if register is None:
+                    register = self._client.register_worker_plugin
+                register(plugin, name=name)
                 self._plugin_name = name
             self.workers: int = max(1, sum(self._client.nthreads().values()))
             # Now, so that it reaches the scheduler before any task's event.
