@@ -98,7 +98,8 @@ def _import_distributed() -> Any:
 
 
 def _name(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
+    """How messages name a call of ``fn``: ``square()``."""
+    return f"{getattr(fn, '__qualname__', None) or repr(fn)}()"
 
 
 # -- in the Dask worker -------------------------------------------------------
@@ -111,18 +112,28 @@ def _run_remote(
 
     ``marker``: a file that exists while the task runs, which tells the
     caller, should the worker die, that this task was running (and so may be
-    what killed it). ``started``: ``(topic, key)`` of an event to send first.
+    what killed it), and whether it was still loading its arguments ("load")
+    or running the function ("run"). ``started``: ``(topic, key)`` of an
+    event to send the caller first.
     """
-    if marker is not None:
-        open(marker, "wb").close()
+    fd = None if marker is None else os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if fd is not None:
+        os.write(fd, b"load")
+
+    def loaded() -> None:
+        if fd is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, b"run ")
+
     try:
         if started is not None:
             from distributed import get_worker  # type: ignore[import-not-found, unused-ignore]
 
             get_worker().log_event(started[0], started[1])
-        return _run_here(fn_data, payload)
+        return _run_here(fn_data, payload, loaded)
     finally:
-        if marker is not None:
+        if marker is not None and fd is not None:
+            os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(marker)
 
@@ -135,20 +146,22 @@ def _load_function(data: bytes) -> Callable[..., Any]:
     fn = _functions.get(data)
     if fn is None:
         fn = load_function(data)
-        if len(_functions) >= 64:
-            _functions.clear()
-        _functions[data] = fn
+        if len(data) < 1 << 20:  # not a closure over big data: keep it
+            if len(_functions) >= 64:
+                _functions.clear()
+            _functions[data] = fn
     return fn
 
 
-def _run_here(fn_data: bytes, payload: bytes) -> bytes:
-    """The pickled tuple ``(values, raised, unsendable, elapsed, failure)``.
+def _run_here(fn_data: bytes, payload: bytes, loaded: Callable[[], None]) -> bytes:
+    """The pickled tuple ``(values, raised, unsendable, elapsed, failure, split)``.
 
     ``raised`` maps an item's index in the run to the (wrapped) exception it
     raised, ``unsendable`` to the SerializationError of a result that cannot
     be pickled, and ``failure`` is an exception for every item of the run when
-    they could not run at all. Nothing escapes as a Dask task error, so a
-    Dask-level error means the worker or the cluster failed, not the function.
+    they could not run at all; ``split``: the items could not be unpickled
+    together, so run them one by one. Nothing escapes as a Dask task error, so
+    a Dask-level error means the worker or the cluster failed, not the function.
     """
     try:
         fn = _load_function(fn_data)
@@ -156,11 +169,12 @@ def _run_here(fn_data: bytes, payload: bytes) -> bytes:
         failure: BaseException = SerializationError(
             f"the function could not be unpickled in the Dask worker: {exc!r}"
         )
-        return dumps(([], {}, {}, 0.0, wrap_exception(failure)), "the result")
+        return dumps(([], {}, {}, 0.0, wrap_exception(failure), False), "the result")
     try:
         items = loads(payload, "the arguments")
     except SerializationError as exc:
-        return dumps(([], {}, {}, 0.0, wrap_exception(exc)), "the result")
+        return dumps(([], {}, {}, 0.0, wrap_exception(exc), True), "the result")
+    loaded()
     try:
         values, errors, elapsed = run_items(fn, items, 0, len(items), 0)
     except BaseException as exc:  # SystemExit and the like: must not end the caller
@@ -170,10 +184,10 @@ def _run_here(fn_data: bytes, payload: bytes) -> bytes:
             format_user_traceback(exc),
             "it is a BaseException that ends a task rather than standing in for its result",
         )
-        return dumps(([], {}, {}, 0.0, failure), "the result")
+        return dumps(([], {}, {}, 0.0, failure, False), "the result")
     raised = {i: wrap_exception(e) for i, e in errors.items()}
     try:
-        return dumps((values, raised, {}, elapsed, None), "the result")
+        return dumps((values, raised, {}, elapsed, None, False), "the result")
     except SerializationError:
         pass
     # Some result cannot be pickled: find which, and fail those items alone.
@@ -186,7 +200,7 @@ def _run_here(fn_data: bytes, payload: bytes) -> bytes:
         except SerializationError as err:
             values[i] = None
             unsendable[i] = wrap_exception(err)
-    return dumps((values, raised, unsendable, elapsed, None), "the result")
+    return dumps((values, raised, unsendable, elapsed, None, False), "the result")
 
 
 _plugin_class: type | None = None
@@ -628,16 +642,13 @@ class DaskBackend:
             error = exc
         with contextlib.suppress(Exception):
             future.release()
-        killed = isinstance(error, self._killed_worker)
-        ran = killed and (
-            self._markers is None or os.path.exists(os.path.join(self._markers, run.key))
-        )
+        phase = self._phase(run) if isinstance(error, self._killed_worker) else None
         if not self._take(run):
             return  # timed out or cancelled meanwhile: delivered already
         if error is None:
             self._finished(run, outcome)
-        elif killed:
-            self._crashed(run, error, ran)
+        elif phase is not None:
+            self._crashed(run, error, phase)
         elif isinstance(error, CancelledError):
             # Not by parfn: the client lost the scheduler, or the cluster closed.
             self._fail(job, run.lo, run.hi, lambda i: _lost(job, error))
@@ -648,7 +659,11 @@ class DaskBackend:
 
     def _finished(self, run: _Run, outcome: Any) -> None:
         job, lo, hi = run.job, run.lo, run.hi
-        values, raised, unsendable, elapsed, failure = outcome
+        values, raised, unsendable, elapsed, failure, split = outcome
+        if split and hi - lo > 1:
+            # An item's arguments cannot be unpickled there: find which.
+            self._launch_each(job, range(lo, hi), run.tries, run.fn_data)
+            return
         if failure is not None:
             self._fail(job, lo, hi, _copies(failure))
             return
@@ -668,10 +683,21 @@ class DaskBackend:
             start = lo + i + 1
         self._launch_each(job, [lo + i for i in retry], run.tries + 1, run.fn_data)
 
-    def _crashed(self, run: _Run, error: BaseException, ran: bool) -> None:
-        """``run``'s worker died; ``ran``: unless it surely had not started."""
+    def _phase(self, run: _Run) -> str:
+        """What ``run`` was doing when its worker died, as far as the marker says:
+        "queued", "load" (its arguments), "run"; "" if there are no markers."""
+        if self._markers is None:
+            return ""
+        try:
+            with open(os.path.join(self._markers, run.key), "rb") as f:
+                return f.read().decode().strip() or "load"
+        except OSError:
+            return "queued"
+
+    def _crashed(self, run: _Run, error: BaseException, phase: str) -> None:
+        """``run``'s worker died, while ``run`` was in ``phase`` (see _phase)."""
         job = run.job
-        if not ran:
+        if phase == "queued":
             # Queued behind the task that killed the worker: not its fault.
             self._launch([_Run(job, run.lo, run.hi, run.tries, run.fn_data, run.payload)])
             return
@@ -684,9 +710,11 @@ class DaskBackend:
         if tries <= job.options.retries:
             self._launch_each(job, [run.lo], tries, run.fn_data)
             return
+        doing = "loading the arguments of" if phase == "load" else "running"
         text = (
-            f"{_name(job.fn)} was running when its Dask worker process died (a signal, "
-            f"os._exit, a segfault or running out of memory): {error}"
+            f"the Dask worker process {doing} {_name(job.fn)} died: killed by a signal "
+            "(SIGKILL: often the out-of-memory killer), os._exit, or a segfault; Dask "
+            f"does not say which. {error}"
         )
         self._fail(job, run.lo, run.hi, lambda i: WorkerCrashed(text))
 
