@@ -65,6 +65,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError
@@ -393,6 +394,8 @@ class DaskBackend:
         try:
             if self._cluster is not None:
                 self._markers = tempfile.mkdtemp(prefix="parfn-dask-")
+                # removed at shutdown; also at exit, should the pool never be shut down
+                weakref.finalize(self, shutil.rmtree, self._markers, ignore_errors=True)
             if initializer is not None:
                 plugin = _initializer_plugin(
                     dumps((initializer, tuple(initargs)), "the initializer")
