@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -37,6 +39,14 @@ BACKENDS = [
     ),
     pytest.param(("thread", None), id="thread"),
     pytest.param(("serial", None), id="serial"),
+    pytest.param(
+        ("dask", None),
+        id="dask",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("distributed") is None,
+            reason="needs pip install 'parfn[dask]'",
+        ),
+    ),
 ]
 
 
@@ -46,9 +56,31 @@ def make_pool(backend: str, start_method: str | None, workers: int = 2, **kw: ob
     return parfn.Pool(workers, backend=backend, **kw)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="session")
+def dask_client() -> Iterator[Any]:
+    """One LocalCluster for the session, on loopback, with no dashboard."""
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
 @pytest.fixture(params=BACKENDS)
 def pool(request: pytest.FixtureRequest) -> Iterator[parfn.Pool]:
     backend, start_method = request.param
+    if backend == "dask":
+        with parfn.Pool(backend="dask", client=request.getfixturevalue("dask_client")) as p:
+            yield p
+        return
     with make_pool(backend, start_method) as p:
         yield p
 
@@ -102,8 +134,11 @@ def _workers_alive() -> dict[int, str]:
 
 
 @pytest.fixture(autouse=True)
-def no_orphans() -> Iterator[None]:
+def no_orphans(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves a worker process (or any other child) behind."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("pool") == ("dask", None):
+        request.getfixturevalue("dask_client")  # its workers live for the session
     before = set(_workers_alive())
     yield
     parfn.shutdown()

@@ -87,6 +87,8 @@ class MapRun:
         ] = queue.SimpleQueue()
         self.abandoned = False
         self.window = 2 * max(1, backend.workers)
+        # A backend with a high cost per task (Dask: ~10 ms) asks for longer chunks.
+        self.target = max(TARGET_CHUNK_SECONDS, getattr(backend, "chunk_seconds", 0.0))
         self.per_item: float | None = None
         self.pulled = 0
         self.held = 0  # items submitted and not yet given back
@@ -162,7 +164,7 @@ class MapRun:
             cap = max(1, math.ceil((self.total - self.pulled) / (4 * max(1, self.backend.workers))))
         else:
             cap = MAX_CHUNK_UNKNOWN_LENGTH
-        return max(1, min(cap, int(TARGET_CHUNK_SECONDS / max(self.per_item, 1e-7))))
+        return max(1, min(cap, int(self.target / max(self.per_item, 1e-7))))
 
     def _record(
         self,

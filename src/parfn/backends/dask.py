@@ -295,6 +295,8 @@ class DaskBackend:
 
     name = "dask"
     can_stop_running = False
+    chunk_seconds = 0.2
+    """Map chunks hold about this much work: a Dask task costs ~10 ms to schedule."""
 
     def __init__(
         self,
