@@ -215,13 +215,6 @@ class UnpickleExits:
         return (_exit_on_unpickle, ())
 
 
-class BadInitError(Exception):
-    """Cannot be rebuilt by unpickling: __init__ needs two arguments."""
-
-    def __init__(self, a: int, b: int) -> None:
-        super().__init__(f"{a}/{b}")
-
-
 def return_value(kind: str) -> Any:
     return {"pickle": PickleRaises, "unpickle": UnpickleRaises, "lock": threading.Lock}[kind]()
 
@@ -231,6 +224,12 @@ def raise_error(kind: str) -> None:
         err = RuntimeError("carries a lock")
         err.lock = threading.Lock()  # type: ignore[attr-defined]
         raise err
+    # A class made here, in the worker: a registry of exception reducers that
+    # the test process may hold (distributed installs tblib's) cannot know it.
+    class BadInitError(Exception):
+        def __init__(self, a: int, b: int) -> None:
+            super().__init__(f"{a}/{b}")
+
     raise BadInitError(1, 2)
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._protocol import SLOT_INDEX, SLOT_START
 from .backends._base import Item
 
 __all__ = ("run_items",)
@@ -21,23 +22,26 @@ def run_items(
     lo: int,
     hi: int,
     retries: int,
-    before_item: Callable[[int], None] | None = None,
+    status: Any = None,
+    timed: bool = False,
 ) -> tuple[list[Any], dict[int, BaseException], float]:
     """Run ``fn`` on ``items[lo:hi]``; each item fails alone.
 
     Returns ``(values, errors, elapsed)``: ``values[i - lo]`` is item i's
     result (None where it failed), ``errors[i]`` the exception item i raised
-    after ``retries`` more tries. ``before_item(i)`` is called as item i
-    starts (the process worker uses it to tell the parent which item runs).
-    KeyboardInterrupt and SystemExit are not caught.
+    after ``retries`` more tries. ``status`` (a process worker's status slot,
+    float64) gets each item's index as it starts and, when ``timed``, its
+    start time. KeyboardInterrupt and SystemExit are not caught.
     """
     values: list[Any] = []
     append = values.append
     errors: dict[int, BaseException] = {}
     start = time.perf_counter()
-    if before_item is None and retries == 0:
-        # The hot path of a map: no per-item bookkeeping.
+    if retries == 0 and not timed:
+        # The hot path of a map: at most one store per item.
         for i in range(lo, hi):
+            if status is not None:
+                status[SLOT_INDEX] = i
             args, kwargs = items[i]
             try:
                 append(fn(*args, **kwargs))
@@ -48,8 +52,10 @@ def run_items(
     for i in range(lo, hi):
         args, kwargs = items[i]
         for attempt in range(retries + 1):
-            if before_item is not None:
-                before_item(i)
+            if status is not None:
+                if timed:
+                    status[SLOT_START] = time.monotonic()
+                status[SLOT_INDEX] = i
             try:
                 value = fn(*args, **kwargs)
             except Exception as exc:

@@ -55,7 +55,7 @@ class _Chunk:
 
 
 class MapRun:
-    """One call of a map: iterate it for ``(index, value, error)`` triples."""
+    """One call of a map: iterate ``chunks()`` for its outcomes."""
 
     def __init__(
         self,
@@ -94,8 +94,11 @@ class MapRun:
         self.held = 0  # items submitted and not yet given back
         self.exhausted = False
 
-    def __iter__(self) -> Iterator[tuple[int, Any, BaseException | None]]:
-        outstanding: list[_Chunk] = []  # submitted, not yet fully yielded, in input order
+    def chunks(self) -> Iterator[tuple[list[Any], dict[int, BaseException]]]:
+        """Outcomes as they can be given back: ``(values, errors)`` runs of items,
+        in input order when ``ordered``; ``errors`` maps a position in
+        ``values`` to the exception standing there."""
+        outstanding: list[_Chunk] = []  # submitted, not yet fully given back, in input order
         interrupted = False
         try:
             while True:
@@ -111,10 +114,10 @@ class MapRun:
                     while outstanding and outstanding[0].remaining == 0:
                         done = outstanding.pop(0)
                         self.held -= len(done.values)
-                        yield from self._outcomes(done, 0, len(done.values))
+                        yield done.values, done.errors
                 else:
                     self.held -= len(values)
-                    yield from self._outcomes(chunk, lo, lo + len(values))
+                    yield list(values), {i - lo: e for i, e in errors.items()}
                     if chunk.remaining == 0:
                         outstanding.remove(chunk)
         except KeyboardInterrupt:
@@ -175,7 +178,10 @@ class MapRun:
         elapsed: float,
     ) -> None:
         n = len(values)
-        chunk.values[lo : lo + n] = values
+        if n == len(chunk.values):
+            chunk.values = list(values)
+        else:
+            chunk.values[lo : lo + n] = values
         if errors:
             chunk.errors.update(errors)
         chunk.remaining -= n
@@ -184,18 +190,6 @@ class MapRun:
             self.per_item = per_item if self.per_item is None else 0.5 * (self.per_item + per_item)
         if self.bar is not None:
             self.bar.update(n)
-
-    @staticmethod
-    def _outcomes(
-        chunk: _Chunk, lo: int, hi: int
-    ) -> Iterator[tuple[int, Any, BaseException | None]]:
-        errors = chunk.errors
-        first = chunk.first
-        values = chunk.values
-        for i in range(lo, hi):
-            yield first + i, values[i], errors.get(i)
-        if chunk.remaining == 0:
-            chunk.values = []  # let the results go once yielded
 
 
 def _is_item_error(exc: BaseException) -> bool:

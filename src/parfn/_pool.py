@@ -7,6 +7,7 @@ it the current pool of this context (``_runtime``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import threading
@@ -76,28 +77,36 @@ def _unwrap(fn: Any) -> tuple[Callable[..., Any], Options]:
     return fn, Options()
 
 
-_signatures: weakref.WeakKeyDictionary[Any, inspect.Signature | None] = weakref.WeakKeyDictionary()
+_signatures: weakref.WeakKeyDictionary[Any, tuple[inspect.Signature | None, set[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _check_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise the TypeError a call with these arguments would, before sending it."""
+    """Raise the TypeError a call with these arguments would, before sending it.
+
+    A call's shape (how many positional arguments, which keywords) that bound
+    once is remembered, so a function's later calls skip the check.
+    """
+    shape = (len(args), tuple(kwargs)) if kwargs else len(args)
     try:
-        sig = _signatures[fn]
+        sig, shapes = _signatures[fn]
     except (KeyError, TypeError):
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):
             sig = None
-        try:
-            _signatures[fn] = sig
-        except TypeError:
-            pass  # not weak-referenceable (a builtin): check it each time
-    if sig is not None:
-        try:
-            sig.bind(*args, **kwargs)
-        except TypeError as exc:
-            name = getattr(fn, "__qualname__", None) or repr(fn)
-            raise TypeError(f"{name}() {exc}") from None
+        shapes = set()
+        with contextlib.suppress(TypeError):  # not weak-referenceable: check each time
+            _signatures[fn] = (sig, shapes)
+    if sig is None or shape in shapes:
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        raise TypeError(f"{name}() {exc}") from None
+    shapes.add(shape)
 
 
 class Pool:
@@ -349,14 +358,13 @@ class Pool:
     ) -> list[Any]:
         run = self._run(fn, items, total, ordered=True, chunksize=chunksize, progress=progress)
         results: list[Any] = []
-        append = results.append
-        for _, value, error in run:
-            if error is None:
-                append(value)
-            elif return_exceptions:
-                append(error)
-            else:
-                raise error
+        for values, errors in run.chunks():
+            if errors and not return_exceptions:
+                raise errors[min(errors)]
+            if errors:
+                for k, error in errors.items():
+                    values[k] = error
+            results.extend(values)
         return results
 
     def imap(
@@ -399,10 +407,14 @@ class Pool:
 
 
 def _values(run: MapRun) -> Iterator[Any]:
-    for _, value, error in run:
-        if error is not None:
-            raise error
-        yield value
+    for values, errors in run.chunks():
+        if not errors:
+            yield from values
+            continue
+        for k, value in enumerate(values):
+            if k in errors:
+                raise errors[k]
+            yield value
 
 
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:

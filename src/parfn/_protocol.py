@@ -21,7 +21,7 @@ worker was running, and when that item began.
 from __future__ import annotations
 
 import pickle
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._serialize import ExceptionEnvelope
 
@@ -34,6 +34,7 @@ __all__ = (
     "Define",
     "Done",
     "InitFailed",
+    "Message",
     "Results",
     "Run",
     "decode",
@@ -44,63 +45,36 @@ SLOT_JOB, SLOT_INDEX, SLOT_START = 0, 1, 2
 """Positions in a worker's status slot. Index -1: loading the run's arguments."""
 
 
-class _Message:
-    """Pickled as its class and its fields, in ``__slots__`` order (= ``__init__``'s)."""
-
-    __slots__: tuple[str, ...] = ()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), tuple(getattr(self, name) for name in self.__slots__))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r:.60}" for n in self.__slots__)
-        return f"{type(self).__name__}({fields})"
+class Define(NamedTuple):
+    fn_id: int
+    data: bytes
 
 
-class Define(_Message):
-    __slots__ = ("fn_id", "data")
-
-    def __init__(self, fn_id: int, data: bytes) -> None:
-        self.fn_id = fn_id
-        self.data = data
-
-
-class Run(_Message):
+class Run(NamedTuple):
     """Run items ``lo:hi`` of the pickled item list ``data`` with function ``fn_id``.
 
     ``timed``: write each item's start time to the status slot (a timeout is
     watched). ``retries``: re-run an item that raised, this many more times.
     """
 
-    __slots__ = ("run_id", "fn_id", "data", "lo", "hi", "retries", "timed")
-
-    def __init__(
-        self, run_id: int, fn_id: int, data: bytes, lo: int, hi: int, retries: int, timed: bool
-    ) -> None:
-        self.run_id = run_id
-        self.fn_id = fn_id
-        self.data = data
-        self.lo = lo
-        self.hi = hi
-        self.retries = retries
-        self.timed = timed
+    run_id: int
+    fn_id: int
+    data: bytes
+    lo: int
+    hi: int
+    retries: int
+    timed: bool
 
 
-class Batch(_Message):
-    __slots__ = ("runs",)
-
-    def __init__(self, runs: list[Run]) -> None:
-        self.runs = runs
+class Batch(NamedTuple):
+    runs: list[Run]
 
 
-class Cancel(_Message):
-    __slots__ = ("run_id",)
-
-    def __init__(self, run_id: int) -> None:
-        self.run_id = run_id
+class Cancel(NamedTuple):
+    run_id: int
 
 
-class Done(_Message):
+class Done(NamedTuple):
     """The outcome of one Run: ``payload`` pickles ``(values, errors)``.
 
     ``errors`` maps item index to an ExceptionEnvelope. ``payload`` is None
@@ -108,36 +82,44 @@ class Done(_Message):
     arguments could not be loaded (the parent then sends the items one by one).
     """
 
-    __slots__ = ("run_id", "lo", "hi", "payload", "elapsed")
-
-    def __init__(
-        self, run_id: int, lo: int, hi: int, payload: bytes | None, elapsed: float
-    ) -> None:
-        self.run_id = run_id
-        self.lo = lo
-        self.hi = hi
-        self.payload = payload
-        self.elapsed = elapsed
+    run_id: int
+    lo: int
+    hi: int
+    payload: bytes | None
+    elapsed: float
 
 
-class Results(_Message):
-    __slots__ = ("done",)
-
-    def __init__(self, done: list[Done]) -> None:
-        self.done = done
+class Results(NamedTuple):
+    done: list[Done]
 
 
-class InitFailed(_Message):
-    __slots__ = ("error",)
-
-    def __init__(self, error: ExceptionEnvelope) -> None:
-        self.error = error
+class InitFailed(NamedTuple):
+    error: ExceptionEnvelope
 
 
-def encode(message: _Message) -> bytes:
-    """A message as bytes. Messages hold only ints, floats and bytes."""
-    return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+Message = Define | Batch | Cancel | Results | InitFailed
+
+# On the wire a message is a plain tuple ``(kind, *fields)``, its nested
+# messages plain tuples too: pickling named classes costs a Python call each.
+_KINDS: dict[type, int] = {Define: 0, Batch: 1, Cancel: 2, Results: 3, InitFailed: 4}
 
 
-def decode(data: bytes | bytearray | memoryview) -> Any:
-    return pickle.loads(data)
+def encode(message: Message) -> bytes:
+    """A message as bytes."""
+    kind = _KINDS[type(message)]
+    if kind == 1 or kind == 3:  # a list of Runs or of Dones: send their fields
+        return pickle.dumps((kind, [tuple(m) for m in message[0]]), PROTOCOL)  # type: ignore[union-attr]
+    return pickle.dumps((kind, *message), PROTOCOL)
+
+
+def decode(data: bytes | bytearray | memoryview) -> Message:
+    kind, *fields = pickle.loads(data)
+    if kind == 1:
+        return Batch([Run._make(r) for r in fields[0]])
+    if kind == 3:
+        return Results([Done._make(d) for d in fields[0]])
+    return _CLASSES[kind]._make(fields)  # type: ignore[no-any-return]
+
+
+_CLASSES: list[Any] = [Define, Batch, Cancel, Results, InitFailed]
+PROTOCOL = pickle.HIGHEST_PROTOCOL

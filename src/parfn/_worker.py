@@ -183,12 +183,9 @@ class _Worker:
                 run.run_id, run.lo, run.hi, dumps(([None] * (run.hi - run.lo), errors)), 0.0
             )
 
-        def before_item(i: int) -> None:
-            if run.timed:
-                status[SLOT_START] = time.monotonic()
-            status[SLOT_INDEX] = float(i)
-
-        values, raised, elapsed = run_items(fn, items, run.lo, run.hi, run.retries, before_item)
+        values, raised, elapsed = run_items(
+            fn, items, run.lo, run.hi, run.retries, status, run.timed
+        )
         status[SLOT_JOB] = 0.0
         errors = {i: ExceptionEnvelope(exc) for i, exc in raised.items()}
         return Done(run.run_id, run.lo, run.hi, _pack(values, errors, run.lo), elapsed)
