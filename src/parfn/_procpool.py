@@ -249,6 +249,7 @@ class ProcessPool:
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, None)
         self._pending_failures: list[tuple[Job, int, int, Callable[[], BaseException]]] = []
         self._watching_writes = False
+        self._finished: list[tuple[_Work, Any]] = []  # manager thread only
         self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
         self._manager = threading.Thread(target=self._manage, name="parfn-manager", daemon=True)
         _live_pools.add(self)
@@ -539,7 +540,6 @@ class ProcessPool:
                             tag[1].channel.flush()
                 else:
                     self._on_exit(tag[1])
-            self._fail_pending()
             with self._lock:
                 if self._closed and not self._queue:
                     self._stopping = True
@@ -549,6 +549,11 @@ class ProcessPool:
                 if self._stopping and not self._queue and not any(w.runs for w in self._workers):
                     break
             timeout = self._check_deadlines()
+            # Outcomes go to their tasks last, just before the manager blocks:
+            # a caller woken now does not wait for the GIL behind the
+            # manager's bookkeeping.
+            self._deliver_all()
+        self._deliver_all()
         self._close_workers()
 
     def _drain_wakeup(self) -> None:
@@ -649,13 +654,19 @@ class ProcessPool:
                 delivered.append((work, done))
             if self._max_tasks is not None and worker.items_run >= self._max_tasks:
                 worker.retiring = True
-        for work, done in delivered:
+        self._finished.extend(delivered)
+
+    def _deliver_all(self) -> None:
+        """Hand finished runs' outcomes and pending failures to their sinks."""
+        finished, self._finished = self._finished, []
+        for work, done in finished:
             if work.state.cancelled or done.payload is None:
                 continue
             if not done.payload:
                 self._isolate(work)
                 continue
             self._deliver(work, done.payload, done.elapsed)
+        self._fail_pending()
 
     def _isolate(self, work: _Work) -> None:
         """Send a run's items again one by one, each pickled alone (no lock held)."""
@@ -667,6 +678,7 @@ class ProcessPool:
             works.append(_Work(alone, i, i + 1, work.retries))
         with self._lock:
             self._queue.extendleft(reversed(works))
+        self._wake()
 
     def _deliver(self, work: _Work, payload: bytes, elapsed: float) -> None:
         """Unpickle a run's outcomes and hand them to its sink (no lock held)."""
