@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from types import EllipsisType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from . import _runtime, _serialize
+from ._pool import MapIterator
 from ._task import Task
 from .backends._base import Options
 
@@ -170,7 +171,7 @@ class Parallel(Generic[P, R]):
 
     def imap(
         self, *iterables: Iterable[Any], chunksize: int | None = None, progress: object = False
-    ) -> Iterator[R]:
+    ) -> MapIterator[R]:
         """Lazy ``map`` in input order; reads input only a bounded window ahead."""
         return _runtime.current_pool().imap(
             self, *iterables, chunksize=chunksize, progress=progress
@@ -178,7 +179,7 @@ class Parallel(Generic[P, R]):
 
     def imap_unordered(
         self, *iterables: Iterable[Any], chunksize: int | None = None, progress: object = False
-    ) -> Iterator[R]:
+    ) -> MapIterator[R]:
         """Lazy ``map`` in completion order; reads input a bounded window ahead."""
         return _runtime.current_pool().imap_unordered(
             self, *iterables, chunksize=chunksize, progress=progress

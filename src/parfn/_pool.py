@@ -7,6 +7,7 @@ it the current pool of this context (``_runtime``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import itertools
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures._base import RUNNING
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from . import _runtime
 from ._errors import PoolClosed
@@ -25,7 +26,7 @@ from ._task import Task
 from .backends import BACKENDS, load
 from .backends._base import Backend, Item, Job, Options
 
-__all__ = ("Pool",)
+__all__ = ("MapIterator", "Pool")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -374,7 +375,7 @@ class Pool:
         *iterables: Iterable[Any],
         chunksize: int | None = None,
         progress: object = False,
-    ) -> Iterator[R]:
+    ) -> MapIterator[R]:
         """Lazy ``map``, in input order, reading input a bounded window ahead.
 
         An endless generator works. An item's exception is raised when the
@@ -386,7 +387,7 @@ class Pool:
         run = self._run(
             fn, items, _length(iterables), ordered=True, chunksize=chunksize, progress=progress
         )
-        return _values(run)
+        return MapIterator(_values(run))
 
     def imap_unordered(
         self,
@@ -395,7 +396,7 @@ class Pool:
         *iterables: Iterable[Any],
         chunksize: int | None = None,
         progress: object = False,
-    ) -> Iterator[R]:
+    ) -> MapIterator[R]:
         """Lazy ``map`` in completion order, reading input a bounded window ahead."""
         if not iterables:
             raise TypeError("imap_unordered() needs at least one iterable")
@@ -403,7 +404,53 @@ class Pool:
         run = self._run(
             fn, items, _length(iterables), ordered=False, chunksize=chunksize, progress=progress
         )
-        return _values(run)
+        return MapIterator(_values(run))
+
+
+class MapIterator(Generic[R]):
+    """The results of ``imap``/``imap_unordered``: iterate them, or ``async for``.
+
+    >>> import parfn
+    >>> with parfn.Pool(2, backend="thread") as pool:
+    ...     list(pool.imap(abs, [-1, -2]))
+    [1, 2]
+
+    ``async for r in pool.imap(f, xs)`` waits for each result in a thread, so
+    the event loop is not blocked. ``close()`` (or ``aclose()``) stops reading
+    the input and drops the chunks not yet started.
+    """
+
+    def __init__(self, results: Iterator[R]) -> None:
+        self._results = results
+        self._lock = threading.Lock()  # one thread advances it at a time
+
+    def __iter__(self) -> MapIterator[R]:
+        return self
+
+    def __next__(self) -> R:
+        with self._lock:
+            return next(self._results)
+
+    def close(self) -> None:
+        with self._lock:
+            close = getattr(self._results, "close", None)
+            if close is not None:
+                close()
+
+    def __aiter__(self) -> MapIterator[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        value = await asyncio.to_thread(next, self, _END)
+        if value is _END:
+            raise StopAsyncIteration
+        return value
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+
+_END: Any = object()
 
 
 def _values(run: MapRun) -> Iterator[Any]:
