@@ -7,7 +7,6 @@ it the current pool of this context (``_runtime``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import itertools
@@ -441,12 +440,16 @@ class MapIterator(Generic[R]):
         return self
 
     async def __anext__(self) -> R:
+        import asyncio
+
         value = await asyncio.to_thread(next, self, _END)
         if value is _END:
             raise StopAsyncIteration
         return value
 
     async def aclose(self) -> None:
+        import asyncio
+
         await asyncio.to_thread(self.close)
 
 

@@ -7,7 +7,6 @@ task that is already running, when its backend can.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
@@ -93,6 +92,8 @@ class Task(Future[R]):
 
     # -- asyncio ------------------------------------------------------------
     def __await__(self) -> Generator[Any, None, R]:
+        import asyncio  # here, not at import: asyncio costs ~15 ms to import
+
         future = asyncio.wrap_future(self)
         try:
             return (yield from future.__await__())
