@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from itertools import starmap
 from typing import Any
 
-from ._protocol import SLOT_INDEX, SLOT_START
+from ._protocol import ANY_ITEM, SLOT_INDEX, SLOT_START
 from .backends._base import Item
 
 __all__ = ("run_items",)
@@ -24,8 +25,11 @@ def run_items(
     retries: int,
     status: Any = None,
     timed: bool = False,
+    *,
+    star: bool = True,
+    kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[Any], dict[int, BaseException], float]:
-    """Run ``fn`` on ``items[lo:hi]``; each item fails alone.
+    """Run ``fn`` on ``items[lo:hi]`` (see ``Job``); each item fails alone.
 
     Returns ``(values, errors, elapsed)``: ``values[i - lo]`` is item i's
     result (None where it failed), ``errors[i]`` the exception item i raised
@@ -34,30 +38,38 @@ def run_items(
     start time. KeyboardInterrupt and SystemExit are not caught.
     """
     values: list[Any] = []
-    append = values.append
     errors: dict[int, BaseException] = {}
     start = time.perf_counter()
-    if retries == 0 and not timed:
-        # The hot path of a map: at most one store per item.
-        for i in range(lo, hi):
-            if status is not None:
-                status[SLOT_INDEX] = i
-            args, kwargs = items[i]
+    if retries == 0 and not timed and not kwargs and hi - lo > 1:
+        # The hot path of a map chunk: the calls run in C (map/starmap), and
+        # an item that raises is found by how far the results got. A process
+        # worker marks only "somewhere in this run" (ANY_ITEM): if it dies
+        # here, the parent runs the items again one by one to find which.
+        if status is not None:
+            status[SLOT_INDEX] = ANY_ITEM
+        calls = items[lo:hi]
+        apply = starmap if star else map
+        done = 0
+        while done < len(calls):
             try:
-                append(fn(*args, **kwargs))
+                values.extend(apply(fn, calls[done:] if done else calls))
+                break
             except Exception as exc:
-                append(None)
-                errors[i] = exc
+                errors[lo + len(values)] = exc
+                values.append(None)
+                done = len(values)
         return values, errors, time.perf_counter() - start
+    kw = kwargs or {}
+    append = values.append
     for i in range(lo, hi):
-        args, kwargs = items[i]
+        args = items[i] if star else (items[i],)
         for attempt in range(retries + 1):
             if status is not None:
                 if timed:
                     status[SLOT_START] = time.monotonic()
                 status[SLOT_INDEX] = i
             try:
-                value = fn(*args, **kwargs)
+                value = fn(*args, **kw)
             except Exception as exc:
                 if attempt == retries:
                     append(None)

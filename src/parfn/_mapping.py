@@ -63,6 +63,7 @@ class MapRun:
         fn: Callable[..., Any],
         options: Options,
         items: Iterator[Item],
+        star: bool,
         total: int | None,
         *,
         ordered: bool,
@@ -78,6 +79,7 @@ class MapRun:
         self.fn = fn
         self.options = options
         self.items = items
+        self.star = star
         self.total = total
         self.ordered = ordered
         self.chunksize = chunksize
@@ -135,6 +137,9 @@ class MapRun:
     def _room(self, outstanding: list[_Chunk]) -> bool:
         """May another chunk go out? Two per worker, or more while they are
         small, up to ``WINDOW_ITEMS`` items not yet given back."""
+        if self.chunksize is None and self.per_item is None:
+            # Still measuring the function: one one-item chunk per worker.
+            return len(outstanding) < max(1, self.backend.workers)
         if len(outstanding) < self.window:
             return True
         return self.held < WINDOW_ITEMS
@@ -149,7 +154,7 @@ class MapRun:
         chunk = _Chunk(self, self.pulled, len(batch))
         self.pulled += len(batch)
         self.held += len(batch)
-        chunk.job = Job(self.fn, batch, self.options, chunk)
+        chunk.job = Job(self.fn, batch, self.options, chunk, star=self.star)
         try:
             self.backend.submit(chunk.job)
         except Exception as exc:

@@ -30,7 +30,6 @@ __all__ = ("MapIterator", "Pool")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_NO_KWARGS: dict[str, Any] = {}
 _START_METHODS = ("fork", "forkserver", "spawn")
 
 
@@ -222,7 +221,7 @@ class Pool:
         plain, options = _unwrap(fn)
         _check_call(plain, args, kwargs)
         task: Task[R] = Task()
-        job = Job(plain, [(args, kwargs or _NO_KWARGS)], options, _TaskSink(task))
+        job = Job(plain, [args], options, _TaskSink(task), kwargs=kwargs)
         backend.submit(job)
         if backend.can_stop_running:
             task._stop = lambda: backend.cancel(job)
@@ -243,6 +242,7 @@ class Pool:
         self,
         fn: Callable[..., Any],
         items: Iterator[Item],
+        star: bool,
         total: int | None,
         *,
         ordered: bool,
@@ -251,13 +251,14 @@ class Pool:
     ) -> MapRun:
         backend = self._check_open()
         plain, options = _unwrap(fn)
-        items = _checked_first(plain, items)
+        items = _checked_first(plain, items, star)
         name = getattr(plain, "__name__", "map")
         return MapRun(
             backend,
             plain,
             options,
             items,
+            star,
             total,
             ordered=ordered,
             chunksize=chunksize,
@@ -304,9 +305,11 @@ class Pool:
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        args = list(zip(*iterables))
-        items = ((a, _NO_KWARGS) for a in args)
-        return self._collect(fn, items, len(args), chunksize, progress, return_exceptions)
+        items, star = _calls(iterables)
+        calls = list(items)
+        return self._collect(
+            fn, iter(calls), star, len(calls), chunksize, progress, return_exceptions
+        )
 
     @overload
     def starmap(
@@ -343,20 +346,24 @@ class Pool:
         return_exceptions: bool = False,
     ) -> list[R] | list[R | BaseException]:
         """``fn(*args)`` for each tuple of ``iterable``; a list in input order."""
-        args = [tuple(a) for a in iterable]
-        items = ((a, _NO_KWARGS) for a in args)
-        return self._collect(fn, items, len(args), chunksize, progress, return_exceptions)
+        calls = list(map(tuple, iterable))
+        return self._collect(
+            fn, iter(calls), True, len(calls), chunksize, progress, return_exceptions
+        )
 
     def _collect(
         self,
         fn: Callable[..., R],
         items: Iterator[Item],
+        star: bool,
         total: int,
         chunksize: int | None,
         progress: object,
         return_exceptions: bool,
     ) -> list[Any]:
-        run = self._run(fn, items, total, ordered=True, chunksize=chunksize, progress=progress)
+        run = self._run(
+            fn, items, star, total, ordered=True, chunksize=chunksize, progress=progress
+        )
         results: list[Any] = []
         for values, errors in run.chunks():
             if errors and not return_exceptions:
@@ -382,9 +389,15 @@ class Pool:
         """
         if not iterables:
             raise TypeError("imap() needs at least one iterable")
-        items = ((a, _NO_KWARGS) for a in zip(*iterables))
+        items, star = _calls(iterables)
         run = self._run(
-            fn, items, _length(iterables), ordered=True, chunksize=chunksize, progress=progress
+            fn,
+            items,
+            star,
+            _length(iterables),
+            ordered=True,
+            chunksize=chunksize,
+            progress=progress,
         )
         return MapIterator(_values(run))
 
@@ -399,9 +412,15 @@ class Pool:
         """Lazy ``map`` in completion order, reading input a bounded window ahead."""
         if not iterables:
             raise TypeError("imap_unordered() needs at least one iterable")
-        items = ((a, _NO_KWARGS) for a in zip(*iterables))
+        items, star = _calls(iterables)
         run = self._run(
-            fn, items, _length(iterables), ordered=False, chunksize=chunksize, progress=progress
+            fn,
+            items,
+            star,
+            _length(iterables),
+            ordered=False,
+            chunksize=chunksize,
+            progress=progress,
         )
         return MapIterator(_values(run))
 
@@ -474,9 +493,19 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return None
 
 
-def _checked_first(fn: Callable[..., Any], items: Iterator[Item]) -> Iterator[Item]:
+def _checked_first(fn: Callable[..., Any], items: Iterator[Item], star: bool) -> Iterator[Item]:
     """Check the first item's arguments against ``fn``'s signature, now."""
     for first in items:
-        _check_call(fn, *first)
+        _check_call(fn, tuple(first) if star else (first,), {})
         return itertools.chain((first,), items)
     return items
+
+
+def _calls(iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Item], bool]:
+    """The calls of a map over ``iterables``, and whether they are argument tuples.
+
+    One iterable: its bare values (the cheapest to pickle); several: zipped.
+    """
+    if len(iterables) == 1:
+        return iter(iterables[0]), False
+    return zip(*iterables), True

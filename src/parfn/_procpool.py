@@ -51,6 +51,7 @@ from typing import Any
 from ._channel import Channel
 from ._errors import PoolClosed, SerializationError, TaskTimeout, WorkerCrashed
 from ._protocol import (
+    ANY_ITEM,
     SLOT_INDEX,
     SLOT_JOB,
     SLOT_START,
@@ -264,11 +265,11 @@ class ProcessPool:
         fn_id, fn_data = self._function(job.fn)
         n = len(job.items)
         try:
-            data = dumps(job.items, "the arguments")
+            data = dumps((job.star, job.kwargs, job.items), "the arguments")
             bad: dict[int, str] = {}
         except SerializationError as exc:
             if n == 1:
-                args, kwargs = job.items[0]
+                args, kwargs = job.call_args(0)
                 raise SerializationError(describe_item_error(args, kwargs, exc)) from exc.__cause__
             data, bad = self._pack_good_items(job)
         works = []
@@ -364,13 +365,13 @@ class ProcessPool:
         """Pickle the items that can be; say why each of the others cannot."""
         bad: dict[int, str] = {}
         items = list(job.items)
-        for i, (args, kwargs) in enumerate(items):
+        for i in range(len(items)):
             try:
-                dumps((args, kwargs))
+                dumps(items[i])
             except SerializationError as exc:
-                bad[i] = describe_item_error(args, kwargs, exc)
-                items[i] = ((), {})
-        return dumps(items, "the arguments"), bad
+                bad[i] = describe_item_error(*job.call_args(i), exc)
+                items[i] = ()  # a placeholder that never runs
+        return dumps((job.star, job.kwargs, items), "the arguments"), bad
 
     def _pending_output(self) -> bool:
         return any(w.channel.out for w in self._workers)
@@ -673,7 +674,8 @@ class ProcessPool:
         state = work.state
         works = []
         for i in range(work.lo, work.hi):
-            alone = _JobState(state.job, state.fn_id, dumps({i: state.job.items[i]}))
+            job = state.job
+            alone = _JobState(job, state.fn_id, dumps((job.star, job.kwargs, {i: job.items[i]})))
             alone.started = True
             works.append(_Work(alone, i, i + 1, work.retries))
         with self._lock:
@@ -737,6 +739,13 @@ class ProcessPool:
                     failures.append((state.job, work.lo, work.hi, CancelledError))
                 elif work.run_id != run_id or blamed:
                     requeue.append(work)  # it had not started
+                elif index == ANY_ITEM:
+                    # It died in a chunk run as one C-level loop: run the
+                    # items again one by one, so that only the culprit fails.
+                    blamed = True
+                    requeue.extend(
+                        _Work(state, i, i + 1, work.retries) for i in range(work.lo, work.hi)
+                    )
                 else:
                     blamed = True
                     if index < work.lo:  # it died loading the run's arguments

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from ._serialize import ExceptionEnvelope
 
 __all__ = (
+    "ANY_ITEM",
     "SLOT_INDEX",
     "SLOT_JOB",
     "SLOT_START",
@@ -43,6 +44,8 @@ __all__ = (
 
 SLOT_JOB, SLOT_INDEX, SLOT_START = 0, 1, 2
 """Positions in a worker's status slot. Index -1: loading the run's arguments."""
+ANY_ITEM = -2
+"""Status index of a run whose items run in one C-level loop: the item is unknown."""
 
 
 class Define(NamedTuple):

@@ -171,7 +171,7 @@ class _Worker:
         status[SLOT_JOB] = float(run.run_id)
         try:
             fn = self.functions[run.fn_id]
-            items = loads(run.data, "the arguments")
+            star, kwargs, items = loads(run.data, "the arguments")
         except Exception as exc:
             if run.fn_id not in self.broken_functions and run.hi - run.lo > 1:
                 # One of the items cannot be loaded here: the parent sends
@@ -184,7 +184,7 @@ class _Worker:
             )
 
         values, raised, elapsed = run_items(
-            fn, items, run.lo, run.hi, run.retries, status, run.timed
+            fn, items, run.lo, run.hi, run.retries, status, run.timed, star=star, kwargs=kwargs
         )
         status[SLOT_JOB] = 0.0
         errors = {i: ExceptionEnvelope(exc) for i, exc in raised.items()}

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 __all__ = ("Backend", "Item", "Job", "Options", "Sink", "available_cpus", "fail_items")
 
-Item = tuple[tuple[Any, ...], dict[str, Any]]
-"""One call's arguments: ``(args, kwargs)``."""
+Item = Any
+"""One call's positional arguments: a tuple when ``job.star``, else the one argument."""
 
 
 @dataclass(frozen=True)
@@ -75,21 +75,43 @@ class Sink(Protocol):
 
 
 class Job:
-    """One function over a run of items, with options, reporting to a sink."""
+    """One function over a run of items, with options, reporting to a sink.
 
-    __slots__ = ("fn", "items", "options", "sink")
+    Item ``i`` is the call ``fn(*items[i], **kwargs)`` when ``star``, else
+    ``fn(items[i], **kwargs)``: a one-argument map sends the bare values, the
+    cheapest thing to pickle. ``kwargs`` are shared by every item.
+    """
+
+    __slots__ = ("fn", "items", "kwargs", "options", "sink", "star")
 
     def __init__(
-        self, fn: Callable[..., Any], items: Sequence[Item], options: Options, sink: Sink
+        self,
+        fn: Callable[..., Any],
+        items: Sequence[Item],
+        options: Options,
+        sink: Sink,
+        *,
+        star: bool = True,
+        kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.fn = fn
         self.items = items
         self.options = options
         self.sink = sink
+        self.star = star
+        self.kwargs = kwargs or _NO_KWARGS
+
+    def call_args(self, i: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Item ``i`` as ``(args, kwargs)``."""
+        item = self.items[i]
+        return (tuple(item) if self.star else (item,)), self.kwargs
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "__qualname__", repr(self.fn))
         return f"<Job {name} x{len(self.items)}>"
+
+
+_NO_KWARGS: dict[str, Any] = {}
 
 
 class Backend(Protocol):

@@ -172,12 +172,12 @@ def _run_here(fn_data: bytes, payload: bytes, loaded: Callable[[], None]) -> byt
         )
         return dumps(([], {}, {}, 0.0, wrap_exception(failure), False), "the result")
     try:
-        items = loads(payload, "the arguments")
+        star, kwargs, items = loads(payload, "the arguments")
     except SerializationError as exc:
         return dumps(([], {}, {}, 0.0, wrap_exception(exc), True), "the result")
     loaded()
     try:
-        values, errors, elapsed = run_items(fn, items, 0, len(items), 0)
+        values, errors, elapsed = run_items(fn, items, 0, len(items), 0, star=star, kwargs=kwargs)
     except BaseException as exc:  # SystemExit and the like: must not end the caller
         failure = RemoteError(
             f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
@@ -478,11 +478,11 @@ class DaskBackend:
     def _dump_items(job: Job, lo: int, hi: int) -> bytes:
         items = list(job.items[lo:hi])
         try:
-            return dumps(items, "the arguments")
+            return dumps((job.star, job.kwargs, items), "the arguments")
         except SerializationError as err:
             if hi - lo != 1:
                 raise
-            args, kwargs = items[0]
+            args, kwargs = job.call_args(lo)
             raise SerializationError(
                 describe_item_error(args, kwargs, err.__cause__ or err)
             ) from err.__cause__

@@ -34,7 +34,13 @@ class SerialBackend:
         if not job.sink.start():
             return
         values, errors, elapsed = run_items(
-            job.fn, job.items, 0, len(job.items), job.options.retries
+            job.fn,
+            job.items,
+            0,
+            len(job.items),
+            job.options.retries,
+            star=job.star,
+            kwargs=job.kwargs,
         )
         job.sink.deliver(0, values, errors, elapsed)
 

@@ -76,7 +76,15 @@ class ThreadBackend:
             timer = threading.Timer(timeout, self._expire, (run, timeout))
             timer.daemon = True
             timer.start()
-        values, errors, elapsed = run_items(job.fn, job.items, run.lo, run.hi, job.options.retries)
+        values, errors, elapsed = run_items(
+            job.fn,
+            job.items,
+            run.lo,
+            run.hi,
+            job.options.retries,
+            star=job.star,
+            kwargs=job.kwargs,
+        )
         if timer is not None:
             timer.cancel()
         if self._take(run):
