@@ -237,7 +237,8 @@ class ProcessPool:
         self._fn_ids = itertools.count(1)
         self._fn_by_data: dict[bytes, int] = {}
         self._fn_data: dict[int, bytes] = {}
-        self._fn_cache: OrderedDict[int, tuple[Any, int]] = OrderedDict()  # id(fn) -> (fn, fn_id)
+        self._fn_lock = threading.Lock()  # guards the function tables below
+        self._fn_cache: dict[int, tuple[Any, int]] = {}  # id(fn) -> (fn, fn_id), recent ones
         self._item_time: dict[int, float] = {}  # fn_id -> seconds per item, smoothed
         self._closed = False
         self._stopping = False
@@ -250,6 +251,7 @@ class ProcessPool:
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, None)
         self._pending_failures: list[tuple[Job, int, int, Callable[[], BaseException]]] = []
         self._watching_writes = False
+        self._woken = False  # a wakeup byte is in the pipe, not yet drained
         self._finished: list[tuple[_Work, Any]] = []  # manager thread only
         self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
         self._manager = threading.Thread(target=self._manage, name="parfn-manager", daemon=True)
@@ -342,22 +344,23 @@ class ProcessPool:
     # -- helpers for the callers' threads ----------------------------------------
 
     def _function(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
-        """The id and bytes of ``fn``, pickled once per function."""
-        key = id(fn)
-        with self._lock:
-            hit = self._fn_cache.get(key)
-            if hit is not None and hit[0] is fn:
-                self._fn_cache.move_to_end(key)
-                return hit[1], self._fn_data[hit[1]]
+        """The id and bytes of ``fn``, pickled once per function.
+
+        The hot path reads ``_fn_cache`` without a lock (a dict read is atomic):
+        callers must not queue behind the manager thread just to find this.
+        """
+        hit = self._fn_cache.get(id(fn))
+        if hit is not None and hit[0] is fn:
+            return hit[1], self._fn_data[hit[1]]
         data = dump_function(fn)
-        with self._lock:
+        with self._fn_lock:
             fn_id = self._fn_by_data.get(data)
             if fn_id is None:
                 fn_id = self._fn_by_data[data] = next(self._fn_ids)
                 self._fn_data[fn_id] = data
-            self._fn_cache[key] = (fn, fn_id)
-            if len(self._fn_cache) > 256:
-                self._fn_cache.popitem(last=False)
+            if len(self._fn_cache) >= 256:
+                self._fn_cache = {}  # a fresh dict: readers keep the old one
+            self._fn_cache[id(fn)] = (fn, fn_id)
         return fn_id, data
 
     @staticmethod
@@ -377,6 +380,10 @@ class ProcessPool:
         return any(w.channel.out for w in self._workers)
 
     def _wake(self) -> None:
+        """Make the manager run its loop once more (after the caller queued work)."""
+        if self._woken:
+            return  # a byte is already in the pipe: one wakeup serves every caller
+        self._woken = True
         try:
             os.write(self._wakeup_w, b"x")
         except (BlockingIOError, OSError):
@@ -563,6 +570,10 @@ class ProcessPool:
                 pass
         except (BlockingIOError, OSError):
             pass
+        # Only now, after reading: a caller that saw the flag still set had
+        # queued its work before this point, so this loop's dispatch sees it;
+        # one that comes later finds the flag clear and writes a new byte.
+        self._woken = False
 
     def _start_worker(self) -> None:
         """Start one worker. Caller holds ``_lock``; runs on the manager thread."""
