@@ -121,3 +121,7 @@ def read_init(_: object = None) -> str | None:
 
 def failing_initializer() -> None:
     raise RuntimeError("initializer failed")
+
+
+def ppid(_: object = None) -> int:
+    return os.getppid()

@@ -8,7 +8,6 @@ it the current pool of this context (``_runtime``).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import threading
 import weakref
@@ -76,7 +75,7 @@ def _unwrap(fn: Any) -> tuple[Callable[..., Any], Options]:
     return fn, Options()
 
 
-_signatures: weakref.WeakKeyDictionary[Any, tuple[inspect.Signature | None, set[Any]]] = (
+_signatures: weakref.WeakKeyDictionary[Any, tuple[Any, set[Any]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -91,6 +90,8 @@ def _check_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     try:
         sig, shapes = _signatures[fn]
     except (KeyError, TypeError):
+        import inspect  # here: it costs ~3 ms to import, and most calls hit the cache
+
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):

@@ -87,14 +87,38 @@ _start_lock = threading.Lock()
 def default_start_method() -> str:
     """forkserver where the platform has it, else spawn.
 
-    Measured on Linux (2 cores, Python 3.11): a worker starts in about 2 ms
-    from a warm forkserver, about 1 ms by fork and 40-60 ms by spawn. fork is
-    not used by default: the pool has a manager thread, and forking a process
-    that has threads can deadlock the child (Python 3.12+ warns about it).
-    forkserver is as safe as spawn, starts workers almost as fast as fork once
-    the server runs, and is Python 3.14's default on Linux.
+    Measured on Linux (2 cores, Python 3.11): a cold start (a fresh process
+    that imports parfn, gets one result and shuts down) takes ~80 ms when the
+    first workers are forked, ~160 ms by forkserver (the server itself starts
+    first) and ~180 ms by spawn; ``multiprocessing.Pool`` by fork takes ~40 ms.
+    fork alone is not the default: the pool has a manager thread, and forking
+    a process that has threads can deadlock the child (Python 3.12+ warns).
+    So by default the first workers are forked while the process still has
+    one thread (``_can_fork_now``), and every later worker comes from the
+    forkserver: as safe as spawn, a few ms per worker once the server runs,
+    and Python 3.14's default on Linux.
     """
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _can_fork_now() -> bool:
+    """True if forking now is safe: Linux, the main thread, the only OS thread.
+
+    Counted by the kernel (``/proc/self/status``), so native threads (a BLAS
+    pool) count too: with any other thread, fork could copy a lock it holds.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1]) == 1
+    except OSError:
+        pass
+    return False
 
 
 # -- bookkeeping ------------------------------------------------------------------
@@ -202,6 +226,7 @@ class ProcessPool:
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
     ) -> None:
+        self._fork_first = start_method is None and _can_fork_now()
         if start_method is None:
             start_method = default_start_method()
         if start_method not in multiprocessing.get_all_start_methods():
@@ -256,6 +281,14 @@ class ProcessPool:
         self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
         self._manager = threading.Thread(target=self._manage, name="parfn-manager", daemon=True)
         _live_pools.add(self)
+        if self._fork_first:
+            # The fastest safe start: this process has one thread (no lock
+            # can be held by another thread across the fork), so the first
+            # workers are forked now, before the manager thread exists.
+            # Replacements come from the forkserver.
+            with self._lock:
+                for _ in range(self.workers):
+                    self._start_worker("fork")
         self._manager.start()
 
     # -- called from any thread -------------------------------------------------
@@ -532,8 +565,7 @@ class ProcessPool:
 
     def _manage_loop(self) -> None:
         with self._lock:
-            for _ in range(self.workers):
-                self._start_worker()
+            self._replace_workers()
         timeout: float | None = None
         while True:
             for key, events in self._selector.select(timeout):
@@ -575,16 +607,22 @@ class ProcessPool:
         # one that comes later finds the flag clear and writes a new byte.
         self._woken = False
 
-    def _start_worker(self) -> None:
-        """Start one worker. Caller holds ``_lock``; runs on the manager thread."""
+    def _start_worker(self, method: str | None = None) -> None:
+        """Start one worker (by ``method``, default the pool's). Caller holds ``_lock``.
+
+        Runs on the manager thread, except the first workers of a pool that
+        starts them by fork (see ``_can_fork_now``), started by the caller.
+        """
+        method = method or self.start_method
+        ctx = multiprocessing.get_context(method)
         with _start_lock:  # no other pool forks while this pipe is half made
-            parent_end, child_end = self._ctx.Pipe(duplex=True)
-            slot = self._ctx.RawArray("d", 3)
-            parent_pid = 0 if self.start_method == "forkserver" else os.getpid()
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            slot = ctx.RawArray("d", 3)
+            parent_pid = 0 if method == "forkserver" else os.getpid()
             # A forked child inherits the parent's ends of the other workers'
             # pipes; it closes them, or those workers would never see EOF.
-            inherited = [*_parent_fds, parent_end.fileno()] if self.start_method == "fork" else []
-            process = self._ctx.Process(  # type: ignore[attr-defined]
+            inherited = [*_parent_fds, parent_end.fileno()] if method == "fork" else []
+            process = ctx.Process(  # type: ignore[attr-defined]
                 target=worker_main,
                 args=(child_end, slot, parent_pid, os.getpid(), self._init, inherited),
                 name="parfn-worker",

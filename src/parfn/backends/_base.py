@@ -23,7 +23,6 @@ Contract for a backend, whatever runs the items:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 __all__ = ("Backend", "Item", "Job", "Options", "Sink", "available_cpus", "fail_items")
@@ -32,27 +31,48 @@ Item = Any
 """One call's positional arguments: a tuple when ``job.star``, else the one argument."""
 
 
-@dataclass(frozen=True)
 class Options:
-    """Per-task options (API.md section 4)."""
+    """Per-task options (API.md section 4). Immutable.
 
-    timeout: float | None = None
-    """Seconds a single item may run, counted from its start."""
-    retries: int = 0
-    """How many more times an item that raised, crashed or timed out is run."""
+    ``timeout``: seconds a single item may run, counted from its start.
+    ``retries``: how many more times an item that raised, crashed or timed
+    out is run.
+    """
 
-    def __post_init__(self) -> None:
-        if self.timeout is not None:
-            if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)):
-                raise TypeError(
-                    f"timeout must be a number of seconds or None, not {self.timeout!r}"
-                )
-            if not self.timeout > 0:
-                raise ValueError(f"timeout must be > 0 seconds, not {self.timeout!r}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int):
-            raise TypeError(f"retries must be an int >= 0, not {self.retries!r}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, not {self.retries!r}")
+    __slots__ = ("retries", "timeout")
+
+    timeout: float | None
+    retries: int
+
+    def __init__(self, timeout: float | None = None, retries: int = 0) -> None:
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+            if not timeout > 0:
+                raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"retries must be an int >= 0, not {retries!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, not {retries!r}")
+        object.__setattr__(self, "timeout", timeout)
+        object.__setattr__(self, "retries", retries)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Options are immutable; use .options(...) for a changed copy")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Options, (self.timeout, self.retries))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Options):
+            return NotImplemented
+        return (self.timeout, self.retries) == (other.timeout, other.retries)
+
+    def __hash__(self) -> int:
+        return hash((self.timeout, self.retries))
+
+    def __repr__(self) -> str:
+        return f"Options(timeout={self.timeout!r}, retries={self.retries!r})"
 
 
 class Sink(Protocol):
