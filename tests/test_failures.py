@@ -367,3 +367,31 @@ def test_soak_10000_tasks_from_8_threads() -> None:
     assert not errors, errors
     assert not any(t.is_alive() for t in threads)
     assert funcs.cube.apply(3) == 27
+
+
+def test_blocking_calls_from_many_threads_with_crashes_among_them(
+    process_pool: parfn.Pool,
+) -> None:
+    """apply() may talk to an idle worker from the calling thread; many callers
+    and dying workers at once must still give every caller its own outcome."""
+    errors: list[BaseException] = []
+
+    def caller(k: int) -> None:
+        try:
+            for i in range(60):
+                if i % 20 == k % 20 and k < 2:
+                    with pytest.raises(parfn.WorkerCrashed):
+                        process_pool.apply(funcs.crash, "exit")
+                else:
+                    assert process_pool.apply(funcs.add, i, k) == i + k
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert not errors, errors
+    still_works(process_pool)

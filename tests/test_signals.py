@@ -30,7 +30,10 @@ SCRIPT = textwrap.dedent(
         with open(out, "w") as f:
             json.dump(pids, f)
         try:
-            pool.map(funcs.sleep_then, [60] * 8, chunksize=1)
+            if sys.argv[3] == "apply":
+                pool.apply(funcs.sleep_then, 60)
+            else:
+                pool.map(funcs.sleep_then, [60] * 8, chunksize=1)
         except KeyboardInterrupt:
             print("KeyboardInterrupt reached the caller", flush=True)
             raise
@@ -46,12 +49,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _start(tmp_path: Path, start_method: str) -> tuple[subprocess.Popen[str], list[int]]:
+def _start(
+    tmp_path: Path, start_method: str, call: str = "map"
+) -> tuple[subprocess.Popen[str], list[int]]:
     out = tmp_path / "pids.json"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, start_method, str(out)],
+        [sys.executable, "-c", SCRIPT, start_method, str(out), call],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -77,9 +82,12 @@ def _wait_gone(pids: list[int], seconds: float) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
+@pytest.mark.parametrize("call", ["map", "apply"])
 @pytest.mark.parametrize("start_method", START_METHODS)
-def test_ctrl_c_reaches_the_caller_and_ends_the_workers(tmp_path: Path, start_method: str) -> None:
-    proc, pids = _start(tmp_path, start_method)
+def test_ctrl_c_reaches_the_caller_and_ends_the_workers(
+    tmp_path: Path, start_method: str, call: str
+) -> None:
+    proc, pids = _start(tmp_path, start_method, call)
     assert pids and all(_alive(p) for p in pids)
     start = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C goes to the whole process group

@@ -75,9 +75,7 @@ def _unwrap(fn: Any) -> tuple[Callable[..., Any], Options]:
     return fn, Options()
 
 
-_signatures: weakref.WeakKeyDictionary[Any, tuple[Any, set[Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+_signatures: weakref.WeakKeyDictionary[Any, tuple[Any, set[Any]]] = weakref.WeakKeyDictionary()
 
 
 def _check_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -218,24 +216,39 @@ class Pool:
 
     def spawn(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
         """Submit ``fn(*args, **kwargs)`` and return its :class:`Task` at once."""
-        backend = self._check_open()
-        plain, options = _unwrap(fn)
-        _check_call(plain, args, kwargs)
-        task: Task[R] = Task()
-        job = Job(plain, [args], options, _TaskSink(task), kwargs=kwargs)
-        backend.submit(job)
-        if backend.can_stop_running:
-            task._stop = lambda: backend.cancel(job)
-        return task
+        return self._submit(fn, args, kwargs, wait=False)
 
     def apply(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` on a worker and wait for its result."""
-        task = self.spawn(fn, *args, **kwargs)
+        task = self._submit(fn, args, kwargs, wait=True)
         try:
             return task.result()
         except KeyboardInterrupt:
             task.cancel()
             raise
+
+    def _submit(
+        self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], wait: bool
+    ) -> Task[R]:
+        backend = self._check_open()
+        plain, options = _unwrap(fn)
+        _check_call(plain, args, kwargs)
+        task: Task[R] = Task()
+        job = Job(plain, [args], options, _TaskSink(task), kwargs=kwargs)
+        if backend.can_stop_running:
+            task._stop = lambda: backend.cancel(job)
+        # A backend may answer a blocking call on this thread (the process
+        # pool talks to an idle worker directly).
+        submit_and_wait = getattr(backend, "submit_and_wait", None) if wait else None
+        try:
+            if submit_and_wait is not None:
+                submit_and_wait(job)
+            else:
+                backend.submit(job)
+        except KeyboardInterrupt:
+            task.cancel()
+            raise
+        return task
 
     # -- maps ----------------------------------------------------------------------------
 

@@ -34,9 +34,11 @@ output buffers. Sinks are called without holding it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
+import select
 import selectors
 import signal
 import sys
@@ -154,7 +156,9 @@ class _Work:
 class _Worker:
     __slots__ = (
         "batches",
+        "borrowed",
         "channel",
+        "died",
         "fns",
         "items_run",
         "kill_reason",
@@ -176,6 +180,8 @@ class _Worker:
         self.items_run = 0
         self.retiring = False  # max_tasks_per_worker reached: no new work
         self.kill_reason: tuple[str, int, int] | None = None  # (why, run id, item index)
+        self.borrowed = False  # a caller talks to it directly (see _talk)
+        self.died = False  # it died while borrowed
 
     def read_status(self) -> tuple[int, int, float]:
         """(run id, item index, start time): a consistent snapshot."""
@@ -295,28 +301,7 @@ class ProcessPool:
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; see ``backends._base``. Pickles here, in the caller."""
-        if self._closed:
-            raise PoolClosed("the pool is shut down")
-        fn_id, fn_data = self._function(job.fn)
-        n = len(job.items)
-        try:
-            data = dumps((job.star, job.kwargs, job.items), "the arguments")
-            bad: dict[int, str] = {}
-        except SerializationError as exc:
-            if n == 1:
-                args, kwargs = job.call_args(0)
-                raise SerializationError(describe_item_error(args, kwargs, exc)) from exc.__cause__
-            data, bad = self._pack_good_items(job)
-        works = []
-        lo = 0
-        for i in [*sorted(bad), n]:
-            if i > lo:
-                works.append(_Work(_JobState(job, fn_id, data), lo, i, job.options.retries))
-            lo = i + 1
-        if works:
-            state = works[0].state
-            for w in works:
-                w.state = state
+        works, bad = self._prepare(job)
         with self._lock:
             if self._closed:
                 raise PoolClosed("the pool is shut down")
@@ -328,6 +313,97 @@ class ProcessPool:
         self._wake()
         for i, text in bad.items():
             job.sink.deliver(i, [None], {i: SerializationError(text)}, 0.0)
+
+    def submit_and_wait(self, job: Job) -> None:
+        """Submit a one-item job and return once its sink has its outcome.
+
+        When a worker is idle and nothing is queued, this thread talks to it
+        directly, both ways: the request and the answer skip the manager
+        thread (the manager still watches the worker's sentinel). Otherwise,
+        and for a job with a timeout, the job is queued and the caller waits
+        on its Task as usual.
+        """
+        if job.options.timeout is not None or len(job.items) != 1:
+            self.submit(job)
+            return
+        (work,), _ = self._prepare(job)
+        with self._lock:
+            if self._closed:
+                raise PoolClosed("the pool is shut down")
+            worker = None if self._queue else self._idle_worker()
+            if worker is None:
+                self._queue.append(work)
+            elif self._start_work(work):
+                worker.borrowed = True
+                self._selector.unregister(worker.channel.fd)
+                self._send(worker, [work])
+            else:
+                return  # cancelled before it started
+        if worker is None:
+            self._wake()
+        else:
+            self._talk(worker)
+
+    def _prepare(self, job: Job) -> tuple[list[_Work], dict[int, str]]:
+        """Pickle a job (in the caller): its runs of sendable items, and why
+        each other item cannot be sent."""
+        if self._closed:
+            raise PoolClosed("the pool is shut down")
+        fn_id, _ = self._function(job.fn)
+        n = len(job.items)
+        try:
+            data = dumps((job.star, job.kwargs, job.items), "the arguments")
+            bad: dict[int, str] = {}
+        except SerializationError as exc:
+            if n == 1:
+                args, kwargs = job.call_args(0)
+                raise SerializationError(describe_item_error(args, kwargs, exc)) from exc.__cause__
+            data, bad = self._pack_good_items(job)
+        state = _JobState(job, fn_id, data)
+        works = []
+        lo = 0
+        for i in [*sorted(bad), n]:
+            if i > lo:
+                works.append(_Work(state, lo, i, job.options.retries))
+            lo = i + 1
+        return works, bad
+
+    def _talk(self, worker: _Worker) -> None:
+        """Wait here for a borrowed worker's answer, then hand it back."""
+        channel, sentinel = worker.channel, worker.process.sentinel
+        delivered: list[tuple[_Work, Any]] = []
+        try:
+            while not delivered:
+                writing = [channel.fd] if channel.out else []
+                readable, writable, _ = select.select([channel.fd, sentinel], writing, [])
+                if writable:
+                    with self._lock:
+                        channel.flush()
+                if channel.fd in readable:
+                    frames, eof = channel.read()
+                    for frame in frames:
+                        message = decode(frame)
+                        if isinstance(message, Results):
+                            delivered += self._on_results(worker, message)
+                        else:  # InitFailed: its runs fail with the error
+                            self._on_init_failed(worker, message.error)  # type: ignore[union-attr, arg-type]
+                            return
+                    if eof:
+                        return
+                if sentinel in readable:
+                    return
+        finally:
+            with self._lock:
+                worker.borrowed = False
+                died = worker.died
+                if not died and worker in self._workers:
+                    self._selector.register(channel.fd, selectors.EVENT_READ, ("pipe", worker))
+            if died:
+                self._on_exit(worker)
+            if died or worker.retiring or self._queue or self._pending_failures:
+                self._wake()
+            for work, done in delivered:
+                self._deliver_one(work, done)
 
     def cancel(self, job: Job) -> bool:
         """Stop ``job``: drop its queued items, stop its running ones. True if it was live."""
@@ -424,15 +500,26 @@ class ProcessPool:
 
     # -- dispatch (caller holds _lock) --------------------------------------------
 
+    def _idle_worker(self) -> _Worker | None:
+        """A worker with nothing to do. Caller holds ``_lock``."""
+        for worker in self._workers:
+            if (
+                worker.batches == 0
+                and not worker.retiring
+                and not worker.borrowed
+                and worker.kill_reason is None
+            ):
+                return worker
+        return None
+
     def _send_direct(self, work: _Work) -> bool:
         """Write ``work`` straight to an idle worker. Caller holds ``_lock``."""
-        for worker in self._workers:
-            if worker.batches == 0 and not worker.retiring and worker.kill_reason is None:
-                if not self._start_work(work):
-                    return True
-                self._send(worker, [work])
-                return True
-        return False
+        worker = self._idle_worker()
+        if worker is None:
+            return False
+        if self._start_work(work):
+            self._send(worker, [work])
+        return True
 
     def _start_work(self, work: _Work) -> bool:
         """Tell the sink its job starts; False if it was cancelled. Caller holds ``_lock``."""
@@ -486,7 +573,12 @@ class ProcessPool:
             for worker in self._workers:
                 if not queue:
                     return
-                if worker.batches != depth or worker.retiring or worker.kill_reason is not None:
+                if (
+                    worker.batches != depth
+                    or worker.retiring
+                    or worker.borrowed
+                    or worker.kill_reason is not None
+                ):
                     continue
                 if depth == 1 and not self._is_fast(worker):
                     continue
@@ -666,7 +758,7 @@ class ProcessPool:
         self._watching_writes = False
         for worker in self._workers:
             fd = worker.channel.fd
-            if fd < 0:
+            if fd < 0 or worker.borrowed:
                 continue
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.channel.out else 0)
             if events & selectors.EVENT_WRITE:
@@ -679,12 +771,13 @@ class ProcessPool:
         for frame in frames:
             message = decode(frame)
             if isinstance(message, Results):
-                self._on_results(worker, message)
+                self._finished += self._on_results(worker, message)
             elif isinstance(message, InitFailed):
                 # Its envelope was rebuilt into the exception while decoding.
                 self._on_init_failed(worker, message.error)  # type: ignore[arg-type]
 
-    def _on_results(self, worker: _Worker, message: Results) -> None:
+    def _on_results(self, worker: _Worker, message: Results) -> list[tuple[_Work, Any]]:
+        """Account for a worker's answer; the runs to deliver (no lock held then)."""
         delivered: list[tuple[_Work, Any]] = []
         with self._lock:
             worker.batches -= 1
@@ -704,19 +797,22 @@ class ProcessPool:
                 delivered.append((work, done))
             if self._max_tasks is not None and worker.items_run >= self._max_tasks:
                 worker.retiring = True
-        self._finished.extend(delivered)
+        return delivered
 
     def _deliver_all(self) -> None:
         """Hand finished runs' outcomes and pending failures to their sinks."""
         finished, self._finished = self._finished, []
         for work, done in finished:
-            if work.state.cancelled or done.payload is None:
-                continue
-            if not done.payload:
-                self._isolate(work)
-                continue
-            self._deliver(work, done.payload, done.elapsed)
+            self._deliver_one(work, done)
         self._fail_pending()
+
+    def _deliver_one(self, work: _Work, done: Any) -> None:
+        if work.state.cancelled or done.payload is None:
+            return
+        if not done.payload:
+            self._isolate(work)
+            return
+        self._deliver(work, done.payload, done.elapsed)
 
     def _isolate(self, work: _Work) -> None:
         """Send a run's items again one by one, each pickled alone (no lock held)."""
@@ -766,7 +862,17 @@ class ProcessPool:
         return works
 
     def _on_exit(self, worker: _Worker) -> None:
-        """A worker's process ended: account for every run it had."""
+        """A worker's process ended: account for every run it had.
+
+        A worker lent to a caller (``_talk``) is accounted for by that caller
+        when it gives the worker back.
+        """
+        with self._lock:
+            if worker.borrowed:
+                worker.died = True
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(worker.process.sentinel)
+                return
         if worker.channel.fd >= 0:
             self._on_readable(worker)  # results it sent before it died still count
         process = worker.process
@@ -777,7 +883,8 @@ class ProcessPool:
         with self._lock:
             self._workers.remove(worker)
             self._retire(worker)
-            self._selector.unregister(process.sentinel)
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(process.sentinel)
             works = [w for w in self._take_runs(worker) if not w.state.cancelled]
             failures = self._pending_failures
             requeue: list[_Work] = []
