@@ -20,6 +20,7 @@ from ._errors import RemoteError as RemoteError
 from ._errors import SerializationError as SerializationError
 from ._errors import TaskTimeout as TaskTimeout
 from ._errors import WorkerCrashed as WorkerCrashed
+from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
 from ._pool import Pool as Pool
 from ._runtime import in_worker as in_worker
 from ._runtime import shutdown as shutdown
@@ -30,6 +31,7 @@ __all__ = (
     "ParfnError",
     "Pool",
     "PoolClosed",
+    "ProcessPoolExecutor",
     "RemoteError",
     "SerializationError",
     "Task",

@@ -35,7 +35,8 @@ def run_items(
     result (None where it failed), ``errors[i]`` the exception item i raised
     after ``retries`` more tries. ``status`` (a process worker's status slot,
     float64) gets each item's index as it starts and, when ``timed``, its
-    start time. KeyboardInterrupt and SystemExit are not caught.
+    start time. A SystemExit raised by the function is its outcome, as in
+    ``concurrent.futures``; KeyboardInterrupt is not caught.
     """
     values: list[Any] = []
     errors: dict[int, BaseException] = {}
@@ -54,7 +55,7 @@ def run_items(
             try:
                 values.extend(apply(fn, calls[done:] if done else calls))
                 break
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 errors[lo + len(values)] = exc
                 values.append(None)
                 done = len(values)
@@ -70,7 +71,7 @@ def run_items(
                 status[SLOT_INDEX] = i
             try:
                 value = fn(*args, **kw)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 if attempt == retries:
                     append(None)
                     errors[i] = exc

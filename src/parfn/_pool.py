@@ -53,6 +53,7 @@ class _TaskSink:
         self, lo: int, values: Any, errors: dict[int, BaseException], elapsed: float
     ) -> None:
         task = self.task
+        task._stop = None  # done: let the job and its arguments go
         error = errors.get(lo)
         try:
             if error is None:

@@ -193,6 +193,19 @@ class _Worker:
                 return first
 
 
+def _load_result(payload: bytes) -> Any:
+    """Unpickle a worker's answer; whatever unpickling raises (SystemExit
+    included) becomes a SerializationError of the runs it carries."""
+    try:
+        return loads(payload, "the result")
+    except KeyboardInterrupt:
+        raise
+    except SerializationError:
+        raise
+    except BaseException as exc:
+        raise SerializationError(f"the result could not be unpickled here: {exc!r}") from exc
+
+
 def _fn_name(job: Job) -> str:
     return getattr(job.fn, "__qualname__", None) or repr(job.fn)
 
@@ -257,9 +270,12 @@ class ProcessPool:
             if not forkserver._forkserver._forkserver_pid:  # type: ignore[attr-defined]
                 self._ctx.set_forkserver_preload(["__main__", "parfn._worker"])
         self._max_tasks = max_tasks_per_worker
-        self._init = (
-            None if initializer is None else dumps((initializer, initargs), "the initializer")
-        )
+        # The initializer travels like any function (lambdas too); its
+        # arguments as Process arguments, so that multiprocessing objects
+        # (Queue, Lock, Value) can be passed by inheritance, as with
+        # multiprocessing.Pool.
+        self._init = None if initializer is None else dump_function(initializer)
+        self._initargs = tuple(initargs)
 
         self._lock = threading.Lock()
         self._queue: deque[_Work] = deque()
@@ -269,7 +285,7 @@ class ProcessPool:
         self._fn_by_data: dict[bytes, int] = {}
         self._fn_data: dict[int, bytes] = {}
         self._fn_lock = threading.Lock()  # guards the function tables below
-        self._fn_cache: dict[int, tuple[Any, int]] = {}  # id(fn) -> (fn, fn_id), recent ones
+        self._fn_cache: dict[int, tuple[Any, int]] = {}  # id(fn) -> (weakref, fn_id)
         self._item_time: dict[int, float] = {}  # fn_id -> seconds per item, smoothed
         self._closed = False
         self._stopping = False
@@ -459,7 +475,7 @@ class ProcessPool:
         callers must not queue behind the manager thread just to find this.
         """
         hit = self._fn_cache.get(id(fn))
-        if hit is not None and hit[0] is fn:
+        if hit is not None and hit[0]() is fn:
             return hit[1], self._fn_data[hit[1]]
         data = dump_function(fn)
         with self._fn_lock:
@@ -469,7 +485,10 @@ class ProcessPool:
                 self._fn_data[fn_id] = data
             if len(self._fn_cache) >= 256:
                 self._fn_cache = {}  # a fresh dict: readers keep the old one
-            self._fn_cache[id(fn)] = (fn, fn_id)
+            # A weak reference: the cache must not keep a bound method's
+            # object alive. What cannot be weakly referenced is pickled anew.
+            with contextlib.suppress(TypeError):
+                self._fn_cache[id(fn)] = (weakref.ref(fn), fn_id)
         return fn_id, data
 
     @staticmethod
@@ -673,10 +692,10 @@ class ProcessPool:
                 else:
                     self._on_exit(tag[1])
             with self._lock:
+                self._replace_workers()
+                self._dispatch()  # (drops cancelled work from the queue)
                 if self._closed and not self._queue:
                     self._stopping = True
-                self._replace_workers()
-                self._dispatch()
                 self._update_write_interest()
                 if self._stopping and not self._queue and not any(w.runs for w in self._workers):
                     break
@@ -716,7 +735,15 @@ class ProcessPool:
             inherited = [*_parent_fds, parent_end.fileno()] if method == "fork" else []
             process = ctx.Process(  # type: ignore[attr-defined]
                 target=worker_main,
-                args=(child_end, slot, parent_pid, os.getpid(), self._init, inherited),
+                args=(
+                    child_end,
+                    slot,
+                    parent_pid,
+                    os.getpid(),
+                    self._init,
+                    self._initargs,
+                    inherited,
+                ),
                 name="parfn-worker",
             )
             process.start()
@@ -831,7 +858,7 @@ class ProcessPool:
         """Unpickle a run's outcomes and hand them to its sink (no lock held)."""
         job = work.state.job
         try:
-            values, envelopes = loads(payload, "the result")
+            values, envelopes = _load_result(payload)
         except SerializationError as exc:
             if work.hi - work.lo == 1:
                 job.sink.deliver(work.lo, [None], {work.lo: exc}, elapsed)

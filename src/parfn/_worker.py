@@ -91,6 +91,7 @@ def worker_main(
     parent_pid: int,
     owner_pid: int,
     init: bytes | None,
+    initargs: tuple[Any, ...],
     inherited_fds: list[int],
 ) -> None:
     """Entry point of a worker process (the target of ``Process``).
@@ -110,8 +111,7 @@ def worker_main(
     status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
     if init is not None:
         try:
-            initializer, initargs = loads(init, "the initializer")
-            initializer(*initargs)
+            load_function(init)(*initargs)
         except Exception as exc:
             _send(conn, InitFailed(ExceptionEnvelope(exc)))
             os._exit(1)
