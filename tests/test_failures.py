@@ -224,6 +224,7 @@ def raise_error(kind: str) -> None:
         err = RuntimeError("carries a lock")
         err.lock = threading.Lock()  # type: ignore[attr-defined]
         raise err
+
     # A class made here, in the worker: a registry of exception reducers that
     # the test process may hold (distributed installs tblib's) cannot know it.
     class BadInitError(Exception):

@@ -115,3 +115,29 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, start_method: st
     for pid in leftover:
         os.kill(pid, signal.SIGKILL)
     assert not leftover, f"workers outlived their SIGKILLed parent: {leftover}"
+
+
+def test_interpreter_exit_with_a_pool_never_shut_down(tmp_path: Path) -> None:
+    """A pool left open (no with, no shutdown) must not hang interpreter exit:
+    the exit hook waits for its running task, then ends the workers."""
+    code = textwrap.dedent(
+        """
+        import time, parfn
+        from tests import funcs
+        pool = parfn.Pool(2)
+        print(pool.apply(funcs.square, 3), flush=True)
+        task = pool.spawn(funcs.sleep_then, 0.3, "late")
+        """
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "9"

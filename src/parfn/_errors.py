@@ -31,7 +31,12 @@ __all__ = (
 
 
 class ParfnError(Exception):
-    """Base class of every error parfn itself raises."""
+    """Base class of every error parfn itself raises.
+
+    >>> import parfn
+    >>> issubclass(parfn.WorkerCrashed, parfn.ParfnError)
+    True
+    """
 
 
 class RemoteError(ParfnError):
@@ -45,6 +50,11 @@ class RemoteError(ParfnError):
         except parfn.RemoteError as e:
             print(e.type_name, e.message)
             print(e.traceback)
+
+    >>> import parfn
+    >>> e = parfn.RemoteError("KeyError", "'x'", "Traceback (most recent call last): ...")
+    >>> print(e)
+    KeyError: 'x'
 
     Unlike :class:`WorkerCrashed`, the worker is alive and well.
     """
@@ -70,6 +80,14 @@ class SerializationError(ParfnError, pickle.PicklingError):
     result``), of what type, and why. Only the task it hit fails; the pool and
     its workers are unaffected. Also a :class:`pickle.PicklingError`, so code that
     already catches that keeps working.
+
+    >>> import threading, parfn
+    >>> with parfn.Pool(1) as pool:
+    ...     try:
+    ...         pool.apply(id, threading.Lock())
+    ...     except parfn.SerializationError as e:
+    ...         print(e)
+    argument 1 (of type lock) cannot be pickled: ...
     """
 
 
@@ -82,6 +100,16 @@ class WorkerCrashed(ParfnError, BrokenProcessPool):
     :class:`concurrent.futures.process.BrokenProcessPool`, so code written for
     ``ProcessPoolExecutor`` still catches it, but a parfn pool never becomes
     broken. Compare :class:`PoolClosed` (you shut the pool down).
+
+    >>> import os, parfn
+    >>> with parfn.Pool(1) as pool:
+    ...     try:
+    ...         pool.apply(os._exit, 3)
+    ...     except parfn.WorkerCrashed as e:
+    ...         print("exit code", e.exitcode)
+    ...     pool.apply(abs, -2)  # a new worker took its place
+    exit code 3
+    2
     """
 
     def __init__(self, message: str, exitcode: int | None = None) -> None:
@@ -96,6 +124,15 @@ class TaskTimeout(ParfnError, TimeoutError):
     did not go on in the background. Also a :class:`TimeoutError`. Waiting with
     ``task.result(timeout=...)`` raises a plain ``TimeoutError`` instead, and
     the task goes on.
+
+    >>> import time, parfn
+    >>> nap = parfn.parallel(time.sleep, timeout=0.01)
+    >>> with parfn.Pool(1, backend="thread") as pool:
+    ...     try:
+    ...         pool.apply(nap, 0.3)
+    ...     except parfn.TaskTimeout:
+    ...         print("timed out")
+    timed out
     """
 
 
@@ -105,6 +142,15 @@ class PoolClosed(ParfnError, RuntimeError):
     Compare :class:`WorkerCrashed` (a worker died; the pool keeps working).
     Start a new pool, or call the decorated function outside the closed
     ``with`` block to use the default pool.
+
+    >>> import parfn
+    >>> pool = parfn.Pool(1, backend="thread")
+    >>> pool.shutdown()
+    >>> try:
+    ...     pool.map(abs, [-1])
+    ... except parfn.PoolClosed as e:
+    ...     print(e)
+    <parfn.Pool thread workers=1 closed> is shut down; start a new pool to run more tasks
     """
 
 

@@ -48,7 +48,7 @@ class ProcessPoolExecutor(Executor):
     """A drop-in ``concurrent.futures.ProcessPoolExecutor`` running on a parfn pool.
 
     >>> from parfn import ProcessPoolExecutor
-    >>> with ProcessPoolExecutor(2) as ex:  # doctest: +SKIP
+    >>> with ProcessPoolExecutor(2) as ex:
     ...     list(ex.map(lambda x: x * x, range(4)))
     [0, 1, 4, 9]
 

@@ -34,6 +34,7 @@ output buffers. Sinks are called without holding it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import multiprocessing
@@ -303,6 +304,7 @@ class ProcessPool:
         self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
         self._manager = threading.Thread(target=self._manage, name="parfn-manager", daemon=True)
         _live_pools.add(self)
+        _hook_exit()
         if self._fork_first:
             # The fastest safe start: this process has one thread (no lock
             # can be held by another thread across the fork), so the first
@@ -1066,6 +1068,22 @@ class ProcessPool:
             worker.process.close()
         with self._lock:
             self._workers.clear()
+
+
+_hooked = False
+
+
+def _hook_exit() -> None:
+    """At interpreter exit, shut down every pool still open (once registered).
+
+    Registered when the first pool starts, after ``multiprocessing`` has
+    registered its own exit handler, so this one runs first: otherwise that
+    handler would wait for ever on workers whose pipes are still open.
+    """
+    global _hooked
+    if not _hooked:
+        _hooked = True
+        atexit.register(shutdown_all_pools)
 
 
 def shutdown_all_pools() -> None:

@@ -7,6 +7,8 @@ task that is already running, when its backend can.
 
 from __future__ import annotations
 
+import concurrent.futures
+import sys
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
@@ -16,13 +18,25 @@ R = TypeVar("R")
 
 __all__ = ("Task",)
 
+if sys.version_info < (3, 11):
+
+    class _WaitTimeout(concurrent.futures.TimeoutError, TimeoutError):
+        """A wait ran out: before 3.11 the futures' TimeoutError is not the builtin one."""
+
 
 class Task(Future[R]):
     """The result of :meth:`Parallel.spawn` or :meth:`Pool.spawn`, still to come.
 
-    >>> t = square.spawn(4)  # doctest: +SKIP
-    >>> t.result(timeout=10)  # doctest: +SKIP
-    16
+    >>> import asyncio, parfn
+    >>> with parfn.Pool(2, backend="thread") as pool:
+    ...     task = pool.spawn(pow, 2, 10)
+    ...     task.result(timeout=10)
+    1024
+    >>> async def main():
+    ...     with parfn.Pool(1, backend="thread"):
+    ...         return await parfn.parallel(abs).spawn(-3)
+    >>> asyncio.run(main())
+    3
 
     A :class:`concurrent.futures.Future`: it works with
     ``concurrent.futures.wait`` and ``as_completed``. Inside asyncio,
@@ -33,6 +47,24 @@ class Task(Future[R]):
 
     _stop: Callable[[], bool] | None = None
     """Set by the backend while the task runs: ends it, True if it did."""
+
+    if sys.version_info < (3, 11):
+
+        def result(self, timeout: float | None = None) -> R:
+            """The result; the builtin ``TimeoutError`` if ``timeout`` seconds pass first."""
+            try:
+                return super().result(timeout)
+            except concurrent.futures.TimeoutError as exc:
+                if exc is self._exception:
+                    raise  # the task's own exception
+                raise _WaitTimeout(f"{self!r} not done within {timeout} s") from None
+
+        def exception(self, timeout: float | None = None) -> BaseException | None:
+            """The task's exception, or None; the builtin ``TimeoutError`` if it waits too long."""
+            try:
+                return super().exception(timeout)
+            except concurrent.futures.TimeoutError:
+                raise _WaitTimeout(f"{self!r} not done within {timeout} s") from None
 
     # -- the multiprocessing.pool.AsyncResult spellings -------------------
     def get(self, timeout: float | None = None) -> R:
