@@ -68,6 +68,7 @@ from ._protocol import (
     encode,
 )
 from ._serialize import describe_item_error, dump_function, dumps, loads
+from ._shm import has_segments, release, release_leftovers, sweep_stale
 from ._worker import worker_main
 from .backends._base import Job, available_cpus
 
@@ -130,7 +131,7 @@ def _can_fork_now() -> bool:
 class _JobState:
     """A submitted job as the pool tracks it."""
 
-    __slots__ = ("cancelled", "data", "fn_id", "job", "started")
+    __slots__ = ("__weakref__", "cancelled", "data", "fn_id", "job", "started")
 
     def __init__(self, job: Job, fn_id: int, data: bytes) -> None:
         self.job = job
@@ -138,6 +139,10 @@ class _JobState:
         self.data = data
         self.cancelled = False
         self.started = False
+        if has_segments(data):
+            # Its shared-memory segments live as long as the job may still be
+            # sent to a worker (again, after a crash): as long as this state.
+            weakref.finalize(self, release, data).atexit = False
 
 
 class _Work:
@@ -301,7 +306,9 @@ class ProcessPool:
         self._watching_writes = False
         self._woken = False  # a wakeup byte is in the pipe, not yet drained
         self._finished: list[tuple[_Work, Any]] = []  # manager thread only
+        self._dead_pids: list[int] = []  # workers that exited, for _deliver_all
         self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
+        sweep_stale()  # segments of processes killed before they could clean up
         self._manager = threading.Thread(target=self._manage, name="parfn-manager", daemon=True)
         _live_pools.add(self)
         _hook_exit()
@@ -370,7 +377,7 @@ class ProcessPool:
         fn_id, _ = self._function(job.fn)
         n = len(job.items)
         try:
-            data = dumps((job.star, job.kwargs, job.items), "the arguments")
+            data = dumps((job.star, job.kwargs, job.items), "the arguments", shm="many")
             bad: dict[int, str] = {}
         except SerializationError as exc:
             if n == 1:
@@ -411,6 +418,11 @@ class ProcessPool:
                 if sentinel in readable:
                     return
         finally:
+            # Its results first, while the worker is still lent to this
+            # thread: the manager cannot stop the pool, nor let the worker's
+            # segments go, before they are loaded.
+            for work, done in delivered:
+                self._deliver_one(work, done)
             with self._lock:
                 worker.borrowed = False
                 died = worker.died
@@ -418,10 +430,8 @@ class ProcessPool:
                     self._selector.register(channel.fd, selectors.EVENT_READ, ("pipe", worker))
             if died:
                 self._on_exit(worker)
-            if died or worker.retiring or self._queue or self._pending_failures:
+            if died or worker.retiring or self._closed or self._queue or self._pending_failures:
                 self._wake()
-            for work, done in delivered:
-                self._deliver_one(work, done)
 
     def cancel(self, job: Job) -> bool:
         """Stop ``job``: drop its queued items, stop its running ones. True if it was live."""
@@ -504,7 +514,7 @@ class ProcessPool:
             except SerializationError as exc:
                 bad[i] = describe_item_error(*job.call_args(i), exc)
                 items[i] = ()  # a placeholder that never runs
-        return dumps((job.star, job.kwargs, items), "the arguments"), bad
+        return dumps((job.star, job.kwargs, items), "the arguments", shm="many"), bad
 
     def _pending_output(self) -> bool:
         return any(w.channel.out for w in self._workers)
@@ -699,7 +709,11 @@ class ProcessPool:
                 if self._closed and not self._queue:
                     self._stopping = True
                 self._update_write_interest()
-                if self._stopping and not self._queue and not any(w.runs for w in self._workers):
+                if (
+                    self._stopping
+                    and not self._queue
+                    and not any(w.runs or w.borrowed for w in self._workers)
+                ):
                     break
             timeout = self._check_deadlines()
             # Outcomes go to their tasks last, just before the manager blocks:
@@ -808,11 +822,13 @@ class ProcessPool:
     def _on_results(self, worker: _Worker, message: Results) -> list[tuple[_Work, Any]]:
         """Account for a worker's answer; the runs to deliver (no lock held then)."""
         delivered: list[tuple[_Work, Any]] = []
+        dropped: list[bytes | None] = []
         with self._lock:
             worker.batches -= 1
             for done in message.done:
                 work = worker.runs.pop(done.run_id, None)
                 if work is None:
+                    dropped.append(done.payload)
                     continue
                 if work.state.job.options.timeout is not None:
                     self._timed -= 1
@@ -826,17 +842,25 @@ class ProcessPool:
                 delivered.append((work, done))
             if self._max_tasks is not None and worker.items_run >= self._max_tasks:
                 worker.retiring = True
+        for payload in dropped:
+            release(payload)
         return delivered
 
     def _deliver_all(self) -> None:
         """Hand finished runs' outcomes and pending failures to their sinks."""
+        # Dead workers taken before their last results: those are loaded
+        # below, and then what the workers left behind is garbage.
+        dead, self._dead_pids = self._dead_pids, []
         finished, self._finished = self._finished, []
         for work, done in finished:
             self._deliver_one(work, done)
+        for pid in dead:
+            release_leftovers(pid)
         self._fail_pending()
 
     def _deliver_one(self, work: _Work, done: Any) -> None:
         if work.state.cancelled or done.payload is None:
+            release(done.payload)
             return
         if not done.payload:
             self._isolate(work)
@@ -849,7 +873,8 @@ class ProcessPool:
         works = []
         for i in range(work.lo, work.hi):
             job = state.job
-            alone = _JobState(job, state.fn_id, dumps((job.star, job.kwargs, {i: job.items[i]})))
+            data = dumps((job.star, job.kwargs, {i: job.items[i]}), shm="many")
+            alone = _JobState(job, state.fn_id, data)
             alone.started = True
             works.append(_Work(alone, i, i + 1, work.retries))
         with self._lock:
@@ -862,6 +887,7 @@ class ProcessPool:
         try:
             values, envelopes = _load_result(payload)
         except SerializationError as exc:
+            release(payload)
             if work.hi - work.lo == 1:
                 job.sink.deliver(work.lo, [None], {work.lo: exc}, elapsed)
                 return
@@ -869,6 +895,9 @@ class ProcessPool:
             # one by one, so that only that item fails.
             self._isolate(work)
             return
+        # Ownership passes with the message: the result's segments are the
+        # parent's, unlinked now; their mappings live on in ``values``.
+        release(payload)
         job.sink.deliver(work.lo, values, envelopes, elapsed)
 
     def _on_init_failed(self, worker: _Worker, error: BaseException) -> None:
@@ -906,6 +935,7 @@ class ProcessPool:
             self._on_readable(worker)  # results it sent before it died still count
         process = worker.process
         process.join()
+        self._dead_pids.append(process.pid)  # its leftovers go in _deliver_all
         exitcode = process.exitcode
         run_id, index, _ = worker.read_status()
         reason = worker.kill_reason
@@ -1065,6 +1095,7 @@ class ProcessPool:
             if worker.process.exitcode is None:
                 worker.process.kill()
                 worker.process.join()
+            release_leftovers(worker.process.pid)  # results sent but never read
             worker.process.close()
         with self._lock:
             self._workers.clear()

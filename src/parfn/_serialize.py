@@ -8,6 +8,8 @@
   worker imports it, and unwraps it if it is a ``Parallel``); lambdas,
   closures and functions of ``__main__`` or a notebook travel by value with
   cloudpickle.
+* Big buffers (numpy arrays' data, big bytes): with ``dumps(..., shm=...)``,
+  through shared memory rather than the pipe; see ``_shm``.
 * Exceptions: wrapped in an :class:`ExceptionEnvelope` that carries the
   worker's traceback text and falls back to :class:`RemoteError` when the
   exception itself cannot make the trip.
@@ -25,7 +27,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from . import _shm
 from ._errors import RemoteError, RemoteTraceback, SerializationError
+from ._shm import Readers
 
 __all__ = (
     "ExceptionEnvelope",
@@ -46,11 +50,43 @@ def _cloudpickle() -> Any:
     return cloudpickle
 
 
-def dumps(obj: Any, what: str = "the value") -> bytes:
+def dumps(
+    obj: Any,
+    what: str = "the value",
+    *,
+    shm: Readers | None = None,
+    inputs: bytes | None = None,
+) -> bytes:
     """Pickle ``obj``; ``what`` names it in the error ("argument 1", "the result").
+
+    ``shm``: let big buffers travel through shared memory (see ``_shm``):
+    ``"one"`` receiver will load the bytes and own the memory, or ``"many"``
+    may load them, each getting private copy-on-write pages. The bytes may
+    then name segments, which whoever ends up owning the bytes unlinks with
+    ``_shm.release``. ``inputs``: the bytes of the arguments of the run whose
+    result this is; its segments may be borrowed. Without ``shm``, and for
+    data with no big buffer, the bytes are those of plain ``pickle.dumps``.
 
     Raises :class:`SerializationError` saying what could not be pickled and why.
     """
+    if shm is not None:
+        big: list[pickle.PickleBuffer] = []
+
+        def out_of_band(buf: pickle.PickleBuffer) -> bool:
+            # False: leave it out of the stream (big, contiguous); True: keep it in.
+            view = memoryview(buf)
+            if view.nbytes < _shm.THRESHOLD or not view.contiguous:
+                return True
+            big.append(buf)
+            return False
+
+        try:
+            data = pickle.dumps(obj, PROTOCOL, buffer_callback=out_of_band)
+        except Exception:
+            data = None
+        if data is not None and not big and len(data) < _shm.THRESHOLD and _MAIN not in data:
+            return data  # nothing big: the bytes of plain pickle
+        return _dumps_shared(obj, what, shm, inputs, data, big, out_of_band)
     try:
         data = pickle.dumps(obj, PROTOCOL)
     except Exception:
@@ -63,8 +99,44 @@ def dumps(obj: Any, what: str = "the value") -> bytes:
     return data
 
 
+def _dumps_shared(
+    obj: Any,
+    what: str,
+    readers: Readers,
+    inputs: bytes | None,
+    data: bytes | None,
+    big: list[pickle.PickleBuffer],
+    out_of_band: Callable[[pickle.PickleBuffer], bool],
+) -> bytes:
+    """The rest of ``dumps(shm=...)``: by value if need be, then big buffers to shared memory.
+
+    ``data``/``big``: the outcome of the first try, with the C pickler.
+    """
+    by_value = data is None or _MAIN in data
+    if by_value:
+        big.clear()
+        try:
+            data = _cloudpickle().dumps(obj, PROTOCOL, buffer_callback=out_of_band)
+        except Exception as exc:
+            raise SerializationError(_cannot_pickle(obj, what, exc)) from exc
+    assert data is not None
+    if not big and len(data) < _shm.THRESHOLD:
+        return data
+    message = _shm.pack(data, big, readers, inputs) if _shm.available() else None
+    if message is not None:
+        return message
+    # No shared memory here (or no room left in it): all in the stream.
+    if by_value:
+        return bytes(_cloudpickle().dumps(obj, PROTOCOL))
+    return pickle.dumps(obj, PROTOCOL)
+
+
 def loads(data: bytes | memoryview, what: str = "the value") -> Any:
-    """Unpickle ``data``; a failure becomes :class:`SerializationError`."""
+    """Unpickle ``data``; a failure becomes :class:`SerializationError`.
+
+    Data that names shared-memory segments needs no special case: unpickling
+    it maps them (see ``_shm``).
+    """
     try:
         return pickle.loads(data)
     except Exception as exc:

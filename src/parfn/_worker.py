@@ -188,13 +188,17 @@ class _Worker:
         )
         status[SLOT_JOB] = 0.0
         errors = {i: ExceptionEnvelope(exc) for i, exc in raised.items()}
-        return Done(run.run_id, run.lo, run.hi, _pack(values, errors, run.lo), elapsed)
+        return Done(run.run_id, run.lo, run.hi, _pack(values, errors, run.lo, run.data), elapsed)
 
 
-def _pack(values: list[Any], errors: dict[int, ExceptionEnvelope], lo: int) -> bytes:
-    """Pickle a run's outcomes; a result that cannot be pickled fails alone."""
+def _pack(values: list[Any], errors: dict[int, ExceptionEnvelope], lo: int, inputs: bytes) -> bytes:
+    """Pickle a run's outcomes; a result that cannot be pickled fails alone.
+
+    Big buffers go through shared memory, for the parent to own; one returned
+    unchanged from the run's arguments (``inputs``) borrows their segment.
+    """
     try:
-        return dumps((values, errors))
+        return dumps((values, errors), shm="one", inputs=inputs)
     except SerializationError:
         pass
     for k, value in enumerate(values):
@@ -205,4 +209,4 @@ def _pack(values: list[Any], errors: dict[int, ExceptionEnvelope], lo: int) -> b
             errors[lo + k] = ExceptionEnvelope(
                 SerializationError(str(exc).replace("the value", "the result", 1))
             )
-    return dumps((values, errors))
+    return dumps((values, errors), shm="one", inputs=inputs)
