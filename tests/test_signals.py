@@ -20,9 +20,13 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, signal, sys, time
     import parfn
     from tests import funcs
+
+    # As in a terminal: a process started in the background by a
+    # non-interactive shell (as CI may be) inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     start_method, out = sys.argv[1], sys.argv[2]
     with parfn.Pool(2, start_method=start_method) as pool:
