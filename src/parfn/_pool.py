@@ -402,19 +402,7 @@ class Pool:
         An endless generator works. An item's exception is raised when the
         iteration reaches it.
         """
-        if not iterables:
-            raise TypeError("imap() needs at least one iterable")
-        items, star = _calls(iterables)
-        run = self._run(
-            fn,
-            items,
-            star,
-            _length(iterables),
-            ordered=True,
-            chunksize=chunksize,
-            progress=progress,
-        )
-        return MapIterator(_values(run))
+        return self._lazy("imap", fn, iterables, True, chunksize, progress)
 
     def imap_unordered(
         self,
@@ -425,15 +413,26 @@ class Pool:
         progress: object = False,
     ) -> MapIterator[R]:
         """Lazy ``map`` in completion order, reading input a bounded window ahead."""
+        return self._lazy("imap_unordered", fn, iterables, False, chunksize, progress)
+
+    def _lazy(
+        self,
+        name: str,
+        fn: Callable[..., R],
+        iterables: tuple[Iterable[Any], ...],
+        ordered: bool,
+        chunksize: int | None,
+        progress: object,
+    ) -> MapIterator[R]:
         if not iterables:
-            raise TypeError("imap_unordered() needs at least one iterable")
+            raise TypeError(f"{name}() needs at least one iterable")
         items, star = _calls(iterables)
         run = self._run(
             fn,
             items,
             star,
             _length(iterables),
-            ordered=False,
+            ordered=ordered,
             chunksize=chunksize,
             progress=progress,
         )

@@ -41,23 +41,28 @@ import multiprocessing
 import os
 import select
 import selectors
-import signal
 import sys
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
 from ._channel import Channel
 from ._errors import PoolClosed, SerializationError, TaskTimeout, WorkerCrashed
+from ._procstate import (
+    JobState,
+    Work,
+    Worker,
+    can_fork_now,
+    describe_exit,
+    fn_name,
+    load_result,
+)
 from ._protocol import (
     ANY_ITEM,
-    SLOT_INDEX,
-    SLOT_JOB,
-    SLOT_START,
     Batch,
     Cancel,
     Define,
@@ -67,8 +72,8 @@ from ._protocol import (
     decode,
     encode,
 )
-from ._serialize import describe_item_error, dump_function, dumps, loads
-from ._shm import has_segments, release, release_leftovers, sweep_stale
+from ._serialize import describe_item_error, dump_function, dumps
+from ._shm import release, release_leftovers, sweep_stale
 from ._worker import worker_main
 from .backends._base import Job, available_cpus
 
@@ -98,139 +103,11 @@ def default_start_method() -> str:
     fork alone is not the default: the pool has a manager thread, and forking
     a process that has threads can deadlock the child (Python 3.12+ warns).
     So by default the first workers are forked while the process still has
-    one thread (``_can_fork_now``), and every later worker comes from the
+    one thread (``can_fork_now``), and every later worker comes from the
     forkserver: as safe as spawn, a few ms per worker once the server runs,
     and Python 3.14's default on Linux.
     """
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-def _can_fork_now() -> bool:
-    """True if forking now is safe: Linux, the main thread, the only OS thread.
-
-    Counted by the kernel (``/proc/self/status``), so native threads (a BLAS
-    pool) count too: with any other thread, fork could copy a lock it holds.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1]) == 1
-    except OSError:
-        pass
-    return False
-
-
-# -- bookkeeping ------------------------------------------------------------------
-
-
-class _JobState:
-    """A submitted job as the pool tracks it."""
-
-    __slots__ = ("__weakref__", "cancelled", "data", "fn_id", "job", "started")
-
-    def __init__(self, job: Job, fn_id: int, data: bytes) -> None:
-        self.job = job
-        self.fn_id = fn_id
-        self.data = data
-        self.cancelled = False
-        self.started = False
-        if has_segments(data):
-            # Its shared-memory segments live as long as the job may still be
-            # sent to a worker (again, after a crash): as long as this state.
-            weakref.finalize(self, release, data).atexit = False
-
-
-class _Work:
-    """Items ``lo:hi`` of one job: queued, or in flight on one worker as one Run."""
-
-    __slots__ = ("crashes", "hi", "lo", "retries", "run_id", "state")
-
-    def __init__(self, state: _JobState, lo: int, hi: int, retries: int, crashes: int = 0) -> None:
-        self.state = state
-        self.lo = lo
-        self.hi = hi
-        self.retries = retries
-        self.crashes = crashes
-        self.run_id = 0
-
-
-class _Worker:
-    __slots__ = (
-        "batches",
-        "borrowed",
-        "channel",
-        "died",
-        "fns",
-        "items_run",
-        "kill_reason",
-        "process",
-        "retiring",
-        "runs",
-        "slot",
-        "status",
-    )
-
-    def __init__(self, process: Any, channel: Channel, slot: Any) -> None:
-        self.process = process
-        self.channel = channel
-        self.slot = slot
-        self.status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
-        self.runs: OrderedDict[int, _Work] = OrderedDict()  # in flight, in send order
-        self.batches = 0  # Batch frames sent and not yet answered
-        self.fns: set[int] = set()  # function ids this worker has been sent
-        self.items_run = 0
-        self.retiring = False  # max_tasks_per_worker reached: no new work
-        self.kill_reason: tuple[str, int, int] | None = None  # (why, run id, item index)
-        self.borrowed = False  # a caller talks to it directly (see _talk)
-        self.died = False  # it died while borrowed
-
-    def read_status(self) -> tuple[int, int, float]:
-        """(run id, item index, start time): a consistent snapshot."""
-        status = self.status
-        while True:
-            first = (int(status[SLOT_JOB]), int(status[SLOT_INDEX]), status[SLOT_START])
-            second = (int(status[SLOT_JOB]), int(status[SLOT_INDEX]), status[SLOT_START])
-            if first == second:
-                return first
-
-
-def _load_result(payload: bytes) -> Any:
-    """Unpickle a worker's answer; whatever unpickling raises (SystemExit
-    included) becomes a SerializationError of the runs it carries."""
-    try:
-        return loads(payload, "the result")
-    except KeyboardInterrupt:
-        raise
-    except SerializationError:
-        raise
-    except BaseException as exc:
-        raise SerializationError(f"the result could not be unpickled here: {exc!r}") from exc
-
-
-def _fn_name(job: Job) -> str:
-    return getattr(job.fn, "__qualname__", None) or repr(job.fn)
-
-
-def _describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "it died"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        text = f"killed by {name}"
-        if name == "SIGKILL":
-            text += " (maybe by the out-of-memory killer: check the task's memory use)"
-        elif name == "SIGSEGV":
-            text += " (a segmentation fault, in native code)"
-        return text
-    return f"exit code {exitcode}"
 
 
 # -- the pool ---------------------------------------------------------------------
@@ -251,7 +128,7 @@ class ProcessPool:
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
     ) -> None:
-        self._fork_first = start_method is None and _can_fork_now()
+        self._fork_first = start_method is None and can_fork_now()
         if start_method is None:
             start_method = default_start_method()
         if start_method not in multiprocessing.get_all_start_methods():
@@ -284,8 +161,8 @@ class ProcessPool:
         self._initargs = tuple(initargs)
 
         self._lock = threading.Lock()
-        self._queue: deque[_Work] = deque()
-        self._workers: list[_Worker] = []
+        self._queue: deque[Work] = deque()
+        self._workers: list[Worker] = []
         self._run_ids = itertools.count(1)
         self._fn_ids = itertools.count(1)
         self._fn_by_data: dict[bytes, int] = {}
@@ -305,7 +182,7 @@ class ProcessPool:
         self._pending_failures: list[tuple[Job, int, int, Callable[[], BaseException]]] = []
         self._watching_writes = False
         self._woken = False  # a wakeup byte is in the pipe, not yet drained
-        self._finished: list[tuple[_Work, Any]] = []  # manager thread only
+        self._finished: list[tuple[Work, Any]] = []  # manager thread only
         self._dead_pids: list[int] = []  # workers that exited, for _deliver_all
         self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
         sweep_stale()  # segments of processes killed before they could clean up
@@ -369,7 +246,7 @@ class ProcessPool:
         else:
             self._talk(worker)
 
-    def _prepare(self, job: Job) -> tuple[list[_Work], dict[int, str]]:
+    def _prepare(self, job: Job) -> tuple[list[Work], dict[int, str]]:
         """Pickle a job (in the caller): its runs of sendable items, and why
         each other item cannot be sent."""
         if self._closed:
@@ -384,19 +261,19 @@ class ProcessPool:
                 args, kwargs = job.call_args(0)
                 raise SerializationError(describe_item_error(args, kwargs, exc)) from exc.__cause__
             data, bad = self._pack_good_items(job)
-        state = _JobState(job, fn_id, data)
+        state = JobState(job, fn_id, data)
         works = []
         lo = 0
         for i in [*sorted(bad), n]:
             if i > lo:
-                works.append(_Work(state, lo, i, job.options.retries))
+                works.append(Work(state, lo, i, job.options.retries))
             lo = i + 1
         return works, bad
 
-    def _talk(self, worker: _Worker) -> None:
+    def _talk(self, worker: Worker) -> None:
         """Wait here for a borrowed worker's answer, then hand it back."""
         channel, sentinel = worker.channel, worker.process.sentinel
-        delivered: list[tuple[_Work, Any]] = []
+        delivered: list[tuple[Work, Any]] = []
         try:
             while not delivered:
                 writing = [channel.fd] if channel.out else []
@@ -435,7 +312,7 @@ class ProcessPool:
 
     def cancel(self, job: Job) -> bool:
         """Stop ``job``: drop its queued items, stop its running ones. True if it was live."""
-        kill: list[_Worker] = []
+        kill: list[Worker] = []
         with self._lock:
             found = False
             for work in self._queue:
@@ -531,7 +408,7 @@ class ProcessPool:
 
     # -- dispatch (caller holds _lock) --------------------------------------------
 
-    def _idle_worker(self) -> _Worker | None:
+    def _idle_worker(self) -> Worker | None:
         """A worker with nothing to do. Caller holds ``_lock``."""
         for worker in self._workers:
             if (
@@ -543,7 +420,7 @@ class ProcessPool:
                 return worker
         return None
 
-    def _send_direct(self, work: _Work) -> bool:
+    def _send_direct(self, work: Work) -> bool:
         """Write ``work`` straight to an idle worker. Caller holds ``_lock``."""
         worker = self._idle_worker()
         if worker is None:
@@ -552,7 +429,7 @@ class ProcessPool:
             self._send(worker, [work])
         return True
 
-    def _start_work(self, work: _Work) -> bool:
+    def _start_work(self, work: Work) -> bool:
         """Tell the sink its job starts; False if it was cancelled. Caller holds ``_lock``."""
         state = work.state
         if state.cancelled:
@@ -564,7 +441,7 @@ class ProcessPool:
                 return False
         return True
 
-    def _send(self, worker: _Worker, works: list[_Work]) -> None:
+    def _send(self, worker: Worker, works: list[Work]) -> None:
         """Send ``works`` to ``worker`` as one Batch. Caller holds ``_lock``."""
         frames = []
         runs = []
@@ -617,15 +494,15 @@ class ProcessPool:
                 if works:
                     self._send(worker, works)
 
-    def _is_fast(self, worker: _Worker) -> bool:
+    def _is_fast(self, worker: Worker) -> bool:
         return all(
             self._item_time.get(w.state.fn_id, 1.0) < FAST_ITEM for w in worker.runs.values()
         )
 
-    def _take(self, queued: int) -> list[_Work]:
+    def _take(self, queued: int) -> list[Work]:
         """The next batch from the queue: several fast items, or one."""
         queue = self._queue
-        works: list[_Work] = []
+        works: list[Work] = []
         limit = max(1, min(MAX_COALESCE, queued // max(1, 2 * len(self._workers))))
         while queue and len(works) < limit:
             work = queue[0]
@@ -738,7 +615,7 @@ class ProcessPool:
         """Start one worker (by ``method``, default the pool's). Caller holds ``_lock``.
 
         Runs on the manager thread, except the first workers of a pool that
-        starts them by fork (see ``_can_fork_now``), started by the caller.
+        starts them by fork (see ``can_fork_now``), started by the caller.
         """
         method = method or self.start_method
         ctx = multiprocessing.get_context(method)
@@ -764,7 +641,7 @@ class ProcessPool:
             )
             process.start()
             child_end.close()
-            worker = _Worker(process, Channel(parent_end), slot)
+            worker = Worker(process, Channel(parent_end), slot)
             _parent_fds.add(worker.channel.fd)
         self._workers.append(worker)
         self._selector.register(worker.channel.fd, selectors.EVENT_READ, ("pipe", worker))
@@ -782,7 +659,7 @@ class ProcessPool:
                 # Its last item is done: closing the pipe lets it exit by itself.
                 self._retire(worker)
 
-    def _retire(self, worker: _Worker) -> None:
+    def _retire(self, worker: Worker) -> None:
         """Close the parent's end of the worker's pipe: it exits on EOF."""
         if worker.channel.fd >= 0:
             try:
@@ -809,7 +686,7 @@ class ProcessPool:
             if self._selector.get_key(fd).events != events:
                 self._selector.modify(fd, events, ("pipe", worker))
 
-    def _on_readable(self, worker: _Worker) -> None:
+    def _on_readable(self, worker: Worker) -> None:
         frames, _eof = worker.channel.read()
         for frame in frames:
             message = decode(frame)
@@ -819,9 +696,9 @@ class ProcessPool:
                 # Its envelope was rebuilt into the exception while decoding.
                 self._on_init_failed(worker, message.error)  # type: ignore[arg-type]
 
-    def _on_results(self, worker: _Worker, message: Results) -> list[tuple[_Work, Any]]:
+    def _on_results(self, worker: Worker, message: Results) -> list[tuple[Work, Any]]:
         """Account for a worker's answer; the runs to deliver (no lock held then)."""
-        delivered: list[tuple[_Work, Any]] = []
+        delivered: list[tuple[Work, Any]] = []
         dropped: list[bytes | None] = []
         with self._lock:
             worker.batches -= 1
@@ -858,7 +735,7 @@ class ProcessPool:
             release_leftovers(pid)
         self._fail_pending()
 
-    def _deliver_one(self, work: _Work, done: Any) -> None:
+    def _deliver_one(self, work: Work, done: Any) -> None:
         if work.state.cancelled or done.payload is None:
             release(done.payload)
             return
@@ -867,25 +744,25 @@ class ProcessPool:
             return
         self._deliver(work, done.payload, done.elapsed)
 
-    def _isolate(self, work: _Work) -> None:
+    def _isolate(self, work: Work) -> None:
         """Send a run's items again one by one, each pickled alone (no lock held)."""
         state = work.state
         works = []
         for i in range(work.lo, work.hi):
             job = state.job
             data = dumps((job.star, job.kwargs, {i: job.items[i]}), shm="many")
-            alone = _JobState(job, state.fn_id, data)
+            alone = JobState(job, state.fn_id, data)
             alone.started = True
-            works.append(_Work(alone, i, i + 1, work.retries))
+            works.append(Work(alone, i, i + 1, work.retries))
         with self._lock:
             self._queue.extendleft(reversed(works))
         self._wake()
 
-    def _deliver(self, work: _Work, payload: bytes, elapsed: float) -> None:
+    def _deliver(self, work: Work, payload: bytes, elapsed: float) -> None:
         """Unpickle a run's outcomes and hand them to its sink (no lock held)."""
         job = work.state.job
         try:
-            values, envelopes = _load_result(payload)
+            values, envelopes = load_result(payload)
         except SerializationError as exc:
             release(payload)
             if work.hi - work.lo == 1:
@@ -900,7 +777,7 @@ class ProcessPool:
         release(payload)
         job.sink.deliver(work.lo, values, envelopes, elapsed)
 
-    def _on_init_failed(self, worker: _Worker, error: BaseException) -> None:
+    def _on_init_failed(self, worker: Worker, error: BaseException) -> None:
         """The initializer raised: the worker's runs fail with that error."""
         with self._lock:
             works = self._take_runs(worker)
@@ -912,14 +789,14 @@ class ProcessPool:
                     work.lo, [None] * n, {i: error for i in range(work.lo, work.hi)}, 0.0
                 )
 
-    def _take_runs(self, worker: _Worker) -> list[_Work]:
+    def _take_runs(self, worker: Worker) -> list[Work]:
         """Remove and return a worker's in-flight runs. Caller holds ``_lock``."""
         works = list(worker.runs.values())
         worker.runs.clear()
         self._timed -= sum(1 for w in works if w.state.job.options.timeout is not None)
         return works
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, worker: Worker) -> None:
         """A worker's process ended: account for every run it had.
 
         A worker lent to a caller (``_talk``) is accounted for by that caller
@@ -946,7 +823,7 @@ class ProcessPool:
                 self._selector.unregister(process.sentinel)
             works = [w for w in self._take_runs(worker) if not w.state.cancelled]
             failures = self._pending_failures
-            requeue: list[_Work] = []
+            requeue: list[Work] = []
             blamed = False
             for work in works:
                 state = work.state
@@ -959,7 +836,7 @@ class ProcessPool:
                     # items again one by one, so that only the culprit fails.
                     blamed = True
                     requeue.extend(
-                        _Work(state, i, i + 1, work.retries) for i in range(work.lo, work.hi)
+                        Work(state, i, i + 1, work.retries) for i in range(work.lo, work.hi)
                     )
                 else:
                     blamed = True
@@ -969,13 +846,13 @@ class ProcessPool:
                         # Items before `index` had finished, but their results
                         # died with the worker: they run again.
                         lo, hi = index, index + 1
-                        requeue.append(_Work(state, work.lo, index, work.retries))
-                        requeue.append(_Work(state, index + 1, work.hi, work.retries))
+                        requeue.append(Work(state, work.lo, index, work.retries))
+                        requeue.append(Work(state, index + 1, work.hi, work.retries))
                     error = self._blame(work, exitcode, reason, run_id, index)
                     if error is None:  # killed by us, but not for this item
-                        requeue.append(_Work(state, lo, hi, work.retries))
+                        requeue.append(Work(state, lo, hi, work.retries))
                     elif work.retries > 0:
-                        requeue.append(_Work(state, lo, hi, work.retries - 1))
+                        requeue.append(Work(state, lo, hi, work.retries - 1))
                     else:
                         failures.append((state.job, lo, hi, error))
             if not blamed and requeue:
@@ -996,7 +873,7 @@ class ProcessPool:
 
     def _blame(
         self,
-        work: _Work,
+        work: Work,
         exitcode: int | None,
         reason: tuple[str, int, int] | None,
         run_id: int,
@@ -1012,7 +889,7 @@ class ProcessPool:
                 return CancelledError
             if why == "timeout":
                 text = (
-                    f"{_fn_name(job)}() ran past its timeout of {job.options.timeout:g} s; "
+                    f"{fn_name(job)}() ran past its timeout of {job.options.timeout:g} s; "
                     "its worker was ended and replaced"
                 )
                 return lambda: TaskTimeout(text)
@@ -1024,8 +901,8 @@ class ProcessPool:
     @staticmethod
     def _crash_text(job: Job, exitcode: int | None) -> str:
         return (
-            f"the worker process running {_fn_name(job)}() died: "
-            f"{_describe_exit(exitcode)}. The worker was replaced; other tasks are unaffected"
+            f"the worker process running {fn_name(job)}() died: "
+            f"{describe_exit(exitcode)}. The worker was replaced; other tasks are unaffected"
         )
 
     def _fail_pending(self) -> None:
@@ -1036,7 +913,7 @@ class ProcessPool:
 
     # -- timeouts ---------------------------------------------------------------------
 
-    def _deadlines(self) -> list[tuple[_Worker, float, int, int]]:
+    def _deadlines(self) -> list[tuple[Worker, float, int, int]]:
         """(worker, deadline, run id, item index) for each worker with timed runs.
 
         For a timed run that has not started yet, the deadline is provisional
