@@ -353,3 +353,43 @@ def test_bad_options() -> None:
         funcs.cube.options(retries="3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="chunksize"), parfn.Pool(1, backend="serial") as p:
         p.map(funcs.square, [1], chunksize=0)
+
+
+# -- progress, through the public API -----------------------------------------------------
+
+
+class Counter:
+    """A tqdm-like object: counts the updates it gets."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: int | None = None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+
+def test_map_reports_progress_to_a_tqdm_like_object(pool: parfn.Pool) -> None:
+    bar = Counter()
+    assert pool.map(funcs.square, range(50), progress=bar) == [x * x for x in range(50)]
+    assert bar.n == 50
+    assert bar.total == 50
+
+
+def test_imap_over_a_generator_reports_progress(pool: parfn.Pool) -> None:
+    bar = Counter()
+    assert list(pool.imap(funcs.square, (x for x in range(20)), progress=bar))[-1] == 361
+    assert bar.n == 20
+
+
+def test_progress_true_draws_on_stderr(
+    pool: parfn.Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pool.map(funcs.square, range(10), progress=True)
+    err = capsys.readouterr().err
+    assert "10" in err and "square" in err
+
+
+def test_a_bad_progress_value_fails_before_any_work(pool: parfn.Pool) -> None:
+    with pytest.raises(TypeError, match="progress"):
+        pool.map(funcs.square, range(3), progress="yes")
