@@ -85,6 +85,14 @@ def _check_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     A call's shape (how many positional arguments, which keywords) that bound
     once is remembered, so a function's later calls skip the check.
     """
+    call_method = getattr(type(fn), "__call__", None)  # noqa: B004 (the method, not callability)
+    if not hasattr(getattr(fn, "__func__", fn), "__code__") and not hasattr(
+        call_method, "__code__"
+    ):
+        # Written in C (a builtin, a partial): its worker raises the same
+        # TypeError, and checking here would cost importing inspect (~5 ms)
+        # on a cold start.
+        return
     shape = (len(args), tuple(kwargs)) if kwargs else len(args)
     try:
         sig, shapes = _signatures[fn]

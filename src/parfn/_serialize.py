@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import pickle
 import sys
-import traceback
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -235,6 +234,8 @@ def format_user_traceback(exc: BaseException) -> str:
     tb: TracebackType | None = exc.__traceback__
     while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("parfn."):
         tb = tb.tb_next
+    import traceback  # here: only a failing task needs it
+
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
