@@ -50,6 +50,12 @@ BACKENDS = [
 ]
 
 
+def child_env() -> dict[str, str]:
+    """The environment for a child Python that must import ``tests`` and ``parfn``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def make_pool(backend: str, start_method: str | None, workers: int = 2, **kw: object) -> parfn.Pool:
     if backend == "process":
         return parfn.Pool(workers, start_method=start_method, **kw)  # type: ignore[arg-type]

@@ -69,26 +69,26 @@ def slow_on(x: int, bad: int = 3, seconds: float = 30) -> int:
     return x
 
 
-class Flaky:
-    """Fails the first ``n`` calls in each process, using a file as the counter."""
-
-
-def fail_first_times(path: str, times: int) -> str:
-    """Raise until called ``times`` times (counted in a file, across processes)."""
+def _count_call(path: str) -> int:
+    """How many times this was called before, counted in a file (across processes)."""
     with open(path, "a+") as f:
         f.seek(0)
         count = len(f.read())
         f.write("x")
+    return count
+
+
+def fail_first_times(path: str, times: int) -> str:
+    """Raise until called ``times`` times."""
+    count = _count_call(path)
     if count < times:
         raise RuntimeError(f"attempt {count + 1} fails")
     return f"ok after {count + 1}"
 
 
 def crash_first_times(path: str, times: int) -> str:
-    with open(path, "a+") as f:
-        f.seek(0)
-        count = len(f.read())
-        f.write("x")
+    """Kill its worker (exit code 7) until called ``times`` times."""
+    count = _count_call(path)
     if count < times:
         os._exit(7)
     return f"ok after {count + 1}"

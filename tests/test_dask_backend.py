@@ -184,21 +184,6 @@ def test_remote_exceptions_and_return_exceptions(pool: parfn.Pool) -> None:
         next(it)
 
 
-def test_lambdas_closures_and_decorated_functions(pool: parfn.Pool) -> None:
-    k = 10
-
-    def local(x: int) -> int:
-        return x + k
-
-    assert pool.apply(lambda x: x * 2, 4) == 8
-    assert pool.map(local, [1, 2]) == [11, 12]
-    inc = parallel(lambda x: x + 1)
-    with pool:
-        assert inc.map([1, 2, 3]) == [2, 3, 4]
-        assert inc.spawn(1).result(timeout=T) == 2
-        assert parallel(square).imap_unordered([2]).__next__() == 4
-
-
 def test_unpicklable_argument_and_result(pool: parfn.Pool) -> None:
     import threading
 

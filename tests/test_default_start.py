@@ -3,15 +3,13 @@ forkserver for everything after (and for every worker once other threads run).""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import child_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -37,7 +35,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(mode: str) -> str:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = child_env()
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, mode],
         capture_output=True,

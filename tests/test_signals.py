@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import START_METHODS
+from .conftest import START_METHODS, child_env
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +57,7 @@ def _start(
     tmp_path: Path, start_method: str, call: str = "map"
 ) -> tuple[subprocess.Popen[str], list[int]]:
     out = tmp_path / "pids.json"
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = child_env()
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, start_method, str(out), call],
         stdout=subprocess.PIPE,
@@ -133,8 +132,7 @@ def test_interpreter_exit_with_a_pool_never_shut_down(tmp_path: Path) -> None:
         task = pool.spawn(funcs.sleep_then, 0.3, "late")
         """
     )
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = child_env()
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
