@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -54,6 +55,20 @@ def child_env() -> dict[str, str]:
     """The environment for a child Python that must import ``tests`` and ``parfn``."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def run_python(code: str, *args: str, timeout: float = 60) -> str:
+    """Run ``code`` in a child Python; its stdout, after checking it exited 0."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def make_pool(backend: str, start_method: str | None, workers: int = 2, **kw: object) -> parfn.Pool:

@@ -3,13 +3,12 @@ forkserver for everything after (and for every worker once other threads run).""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from .conftest import child_env
+from .conftest import run_python
 
 SCRIPT = textwrap.dedent(
     """
@@ -35,17 +34,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(mode: str) -> str:
-    env = child_env()
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+    return run_python(SCRIPT, mode)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork-first is Linux only")

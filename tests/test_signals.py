@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import START_METHODS, child_env
+from .conftest import START_METHODS, child_env, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -132,14 +132,4 @@ def test_interpreter_exit_with_a_pool_never_shut_down(tmp_path: Path) -> None:
         task = pool.spawn(funcs.sleep_then, 0.3, "late")
         """
     )
-    env = child_env()
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "9"
+    assert run_python(code, timeout=30).strip() == "9"

@@ -1,7 +1,8 @@
 """Running a run of items: the one loop every backend's executor shares.
 
-Kept free of I/O and of parfn's other modules but the error types, so that a
-worker process, a thread and a Dask worker all run items the same way.
+Kept free of I/O (it imports only the status-slot positions of
+``_protocol`` and the Job types), so that a worker process, a thread and a
+Dask worker all run items the same way.
 """
 
 from __future__ import annotations

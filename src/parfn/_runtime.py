@@ -16,7 +16,7 @@ import atexit
 import contextvars
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -86,8 +86,8 @@ def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
 
 
 def _at_exit() -> None:
-    """Shut down as a normal ``with`` exit does; Ctrl-C meanwhile ends the rest."""
+    """Shut down as a normal ``with`` exit does; Ctrl-C meanwhile ends the rest.
+
+    (Other open process pools are shut down by ``_procpool``'s own exit hook.)
+    """
     shutdown()
-    procpool: Any = sys.modules.get("parfn._procpool")
-    if procpool is not None:
-        procpool.shutdown_all_pools()
