@@ -253,7 +253,7 @@ def test_shutdown_waits_for_submitted_tasks(pool: parfn.Pool) -> None:
 
 def test_a_killed_worker_fails_its_item_alone_and_the_pool_goes_on(tmp_path: Path) -> None:
     with parfn.Pool(2, backend="dask") as p:
-        cluster = p._backend._cluster  # type: ignore[attr-defined]
+        cluster = p._backend._conn.cluster  # type: ignore[attr-defined]
         with pytest.raises(parfn.WorkerCrashed, match=re.escape("kill_on()")) as info:
             p.apply(kill_on, 2)
         assert isinstance(info.value, BrokenProcessPool)
@@ -289,7 +289,7 @@ def test_initializer_and_leaving_by_an_exception(tmp_path: Path) -> None:
         pytest.raises(RuntimeError, match="boom"),
         parfn.Pool(1, backend="dask", initializer=set_env, initargs=("hi",)) as p,
     ):
-        cluster = p._backend._cluster  # type: ignore[attr-defined]
+        cluster = p._backend._conn.cluster  # type: ignore[attr-defined]
         assert p.map(read_env, range(4), chunksize=1) == ["hi"] * 4
         running = p.spawn(sleep_then, 30)
         queued = p.spawn(sleep_then, 30)
@@ -306,7 +306,7 @@ def test_initializer_and_leaving_by_an_exception(tmp_path: Path) -> None:
 def test_initializer_on_a_users_cluster_is_removed_at_shutdown(client: Any) -> None:
     with parfn.Pool(backend="dask", client=client, initializer=set_env, initargs=("x",)) as p:
         assert set(p.map(read_env, range(4), chunksize=1)) == {"x"}
-        name = p._backend._plugin_name  # type: ignore[attr-defined]
+        name = p._backend._conn.plugin_name  # type: ignore[attr-defined]
     plugins = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
     assert name not in plugins
 
