@@ -19,6 +19,7 @@ import parfn
 from parfn import parallel
 
 from . import funcs
+from .conftest import START_METHODS
 
 T = 30
 
@@ -343,6 +344,24 @@ def test_initializer_that_raises_fails_tasks_clearly() -> None:
     with parfn.Pool(1, initializer=funcs.failing_initializer) as pool:
         with pytest.raises(RuntimeError, match="initializer failed"):
             pool.apply(funcs.square, 2)
+
+
+def _accepts(_: object) -> None:
+    """An initializer that takes anything."""
+
+
+@pytest.mark.parametrize("start_method", [pytest.param(None, id="default"), *START_METHODS])
+def test_initargs_that_cannot_be_pickled_fail_when_the_pool_is_made(
+    start_method: str | None,
+) -> None:
+    initargs = (threading.Lock(),)
+    if start_method == "fork":  # forked workers inherit initargs: nothing is pickled
+        with parfn.Pool(1, start_method="fork", initializer=_accepts, initargs=initargs) as pool:
+            still_works(pool)
+        return
+    # The default forks its first workers, but their replacements need pickling.
+    with pytest.raises(TypeError, match=r"initargs must be picklable.*_thread\.lock"):
+        parfn.Pool(1, start_method=start_method, initializer=_accepts, initargs=initargs)
 
 
 # -- many threads at once -----------------------------------------------------------------

@@ -1,16 +1,21 @@
-"""What the process pool tracks: jobs, runs of their items, and workers.
+"""What the process pool tracks: jobs, runs of their items, workers, and the
+state the pool's parts share.
 
-Plain records (no locking of their own: the pool's ``_lock`` guards them)
-and the small helpers that describe them.
+Plain records (no locking of their own: ``PoolState._lock`` guards them), the
+pool-wide state every ``_proc*`` module works on, and the small helpers that
+describe them. The lowest of the pool's modules: it imports none of the others.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import selectors
 import signal
-import sys
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from ._channel import Channel
@@ -22,33 +27,23 @@ from .backends._base import Job
 
 __all__ = (
     "JobState",
+    "PoolState",
     "Work",
     "Worker",
-    "can_fork_now",
     "describe_exit",
     "fn_name",
     "load_result",
+    "parent_fds",
+    "start_lock",
 )
 
+start_lock = threading.Lock()
+"""Guards ``parent_fds``; held while a worker starts, so that no pool forks
+while another's pipe is half made."""
 
-def can_fork_now() -> bool:
-    """True if forking now is safe: Linux, the main thread, the only OS thread.
-
-    Counted by the kernel (``/proc/self/status``), so native threads (a BLAS
-    pool) count too: with any other thread, fork could copy a lock it holds.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1]) == 1
-    except OSError:
-        pass
-    return False
+parent_fds: set[int] = set()
+"""The parent's ends of every worker pipe and wakeup pipe, of every pool: a
+forked worker closes them (guarded by ``start_lock``)."""
 
 
 class JobState:
@@ -83,6 +78,8 @@ class Work:
 
 
 class Worker:
+    """One worker process, its pipe and its status slot, as the pool tracks it."""
+
     __slots__ = (
         "batches",
         "borrowed",
@@ -120,6 +117,81 @@ class Worker:
             second = (int(status[SLOT_JOB]), int(status[SLOT_INDEX]), status[SLOT_START])
             if first == second:
                 return first
+
+
+class PoolState:
+    """The state a process pool's parts share; ``ProcessPool`` extends it.
+
+    The pool's other modules (``_procstart``, ``_procdispatch``,
+    ``_procresults``, ``_procdeaths``, ``_proctimeouts``) are free functions
+    over this state, so that the hot paths read plain attributes of one object.
+
+    ``_lock`` guards the queue, the workers (their in-flight runs and their
+    channels' output buffers), the selector's registrations,
+    ``_pending_failures`` and ``_timed``; sinks are called without holding it.
+    A function that needs it held says "caller holds ``_lock``". ``_fn_lock``
+    guards the function tables (the hot path reads ``_fn_cache`` without it).
+    ``_finished`` and ``_dead_pids`` belong to the manager thread (and to a
+    caller that gives back a borrowed worker that died, see ``_talk``).
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        start_method: str,
+        max_tasks: int | None,
+        init: bytes | None,
+        initargs: tuple[Any, ...],
+    ) -> None:
+        self.workers = workers
+        self.start_method = start_method
+        self._max_tasks = max_tasks
+        self._init = init  # the pickled initializer
+        self._initargs = initargs  # Process arguments (multiprocessing pickles them)
+
+        self._lock = threading.Lock()
+        self._queue: deque[Work] = deque()
+        self._workers: list[Worker] = []
+        self._run_ids = itertools.count(1)
+        self._fn_ids = itertools.count(1)
+        self._fn_by_data: dict[bytes, int] = {}
+        self._fn_data: dict[int, bytes] = {}
+        self._fn_lock = threading.Lock()  # guards the function tables below
+        self._fn_cache: dict[int, tuple[Any, int]] = {}  # id(fn) -> (weakref, fn_id)
+        self._item_time: dict[int, float] = {}  # fn_id -> seconds per item, smoothed
+        self._closed = False
+        self._stopping = False
+        with start_lock:
+            self._wakeup_r, self._wakeup_w = os.pipe()
+            parent_fds.update((self._wakeup_r, self._wakeup_w))
+        os.set_blocking(self._wakeup_r, False)
+        os.set_blocking(self._wakeup_w, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ, None)
+        self._pending_failures: list[tuple[Job, int, int, Callable[[], BaseException]]] = []
+        self._watching_writes = False
+        self._woken = False  # a wakeup byte is in the pipe, not yet drained
+        self._finished: list[tuple[Work, Any]] = []  # runs to deliver, for _deliver_all
+        self._dead_pids: list[int] = []  # workers that exited, for _deliver_all
+        self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
+
+    def _wake(self) -> None:
+        """Make the manager run its loop once more (after the caller queued work)."""
+        if self._woken:
+            return  # a byte is already in the pipe: one wakeup serves every caller
+        self._woken = True
+        try:
+            os.write(self._wakeup_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed
+
+    def _close(self) -> None:
+        """Close the selector and the wakeup pipe (the manager thread, as it ends)."""
+        self._selector.close()
+        with start_lock:
+            parent_fds.difference_update((self._wakeup_r, self._wakeup_w))
+            os.close(self._wakeup_r)
+            os.close(self._wakeup_w)
 
 
 def load_result(payload: bytes) -> Any:
