@@ -25,6 +25,8 @@ from .backends._base import Backend, Item, Job, Options
 
 __all__ = ("MapRun",)
 
+_END = object()
+
 TARGET_CHUNK_SECONDS = 0.02
 WINDOW_ITEMS = 512
 """Small chunks (chunksize=1) may fill the window up to this many items."""
@@ -146,14 +148,19 @@ class MapRun:
 
     def _submit_next(self) -> _Chunk | None:
         size = self._next_size()
-        batch = list(itertools.islice(self.items, size))
-        if len(batch) < size:
+        if size == 1:
+            item = next(self.items, _END)
+            batch = [] if item is _END else [item]
+        else:
+            batch = list(itertools.islice(self.items, size))
+        n = len(batch)
+        if n < size:
             self.exhausted = True
-        if not batch:
-            return None
-        chunk = _Chunk(self, self.pulled, len(batch))
-        self.pulled += len(batch)
-        self.held += len(batch)
+            if not n:
+                return None
+        chunk = _Chunk(self, self.pulled, n)
+        self.pulled += n
+        self.held += n
         chunk.job = Job(self.fn, batch, self.options, chunk, star=self.star)
         try:
             self.backend.submit(chunk.job)
@@ -169,7 +176,10 @@ class MapRun:
         if self.per_item is None:
             return 1
         if self.total is not None:
-            cap = max(1, math.ceil((self.total - self.pulled) / (4 * max(1, self.backend.workers))))
+            # A quarter of a worker's share of the whole input (as mp.Pool):
+            # not of what is left, whose ever smaller chunks would each cost
+            # a round trip; the time target already bounds the imbalance.
+            cap = max(1, math.ceil(self.total / (4 * max(1, self.backend.workers))))
         else:
             cap = MAX_CHUNK_UNKNOWN_LENGTH
         return max(1, min(cap, int(self.target / max(self.per_item, 1e-7))))

@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, InvalidStateError
-from concurrent.futures._base import RUNNING
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from types import TracebackType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
@@ -41,13 +41,14 @@ class _TaskSink:
         self.task = task
 
     def start(self) -> bool:
-        task = self.task
-        with task._condition:
-            if task._state == RUNNING:
-                return True
-            if task.cancelled():
-                return False
-        return task.set_running_or_notify_cancel()
+        # Read without the lock: only the pool makes a task RUNNING (here),
+        # and set_running_or_notify_cancel takes the lock for the rest.
+        state = self.task._state
+        if state == RUNNING:
+            return True  # a retry after a crash: the task started before
+        if state == CANCELLED_AND_NOTIFIED:
+            return False
+        return self.task.set_running_or_notify_cancel()
 
     def deliver(
         self, lo: int, values: Any, errors: dict[int, BaseException], elapsed: float
@@ -66,6 +67,9 @@ class _TaskSink:
             pass  # cancelled meanwhile: the outcome has nowhere to go
 
 
+_NO_OPTIONS = Options()
+
+
 def _unwrap(fn: Any) -> tuple[Callable[..., Any], Options]:
     """The plain function and options of ``fn`` (a Parallel keeps its options)."""
     options = getattr(fn, "_parfn_options", None)
@@ -73,7 +77,7 @@ def _unwrap(fn: Any) -> tuple[Callable[..., Any], Options]:
         return fn.__wrapped__, options
     if not callable(fn):
         raise TypeError(f"expected a function to run, not {type(fn).__name__} {fn!r}")
-    return fn, Options()
+    return fn, _NO_OPTIONS
 
 
 _signatures: weakref.WeakKeyDictionary[Any, tuple[Any, set[Any]]] = weakref.WeakKeyDictionary()

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ._channel import Reader, write_frame
 from ._errors import SerializationError
 from ._execute import run_items
 from ._protocol import (
@@ -133,18 +134,17 @@ class _Worker:
         self.cancelled: set[int] = set()
 
     def loop(self) -> None:
-        conn = self.conn
+        reader, fd = Reader(self.conn.fileno()), self.conn.fileno()
         while True:
             try:
-                if not self.pending:
-                    self._handle(decode(conn.recv_bytes()))
-                while conn.poll(0):  # take in everything already sent (Cancel included)
-                    self._handle(decode(conn.recv_bytes()))
+                # Wait for work, or take in what was sent meanwhile (Cancel included).
+                for frame in reader.read(wait=not self.pending):
+                    self._handle(decode(frame))
             except (EOFError, OSError):
                 return
             if self.pending:
                 batch = self.pending.popleft()
-                _send(conn, Results([self._run(run) for run in batch.runs]))
+                write_frame(fd, encode(Results([self._run(run) for run in batch.runs])))
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, Batch):
