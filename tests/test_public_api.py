@@ -52,3 +52,20 @@ def test_import_has_no_side_effects() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_task_has_exactly_the_fields_of_a_future() -> None:
+    """Task builds its Future fields itself (with a lighter lock): a new
+    Python whose Future gains a field must fail here, not in a user's wait()."""
+    import threading
+    from concurrent.futures import Future, as_completed, wait
+
+    assert vars(parfn.Task()).keys() == vars(Future()).keys()
+    tasks = [parfn.Task() for _ in range(3)]
+    threading.Timer(0.05, tasks[1].set_result, (7,)).start()
+    done, _ = wait(tasks, timeout=10, return_when="FIRST_COMPLETED")
+    assert done == {tasks[1]}
+    tasks[0].set_exception(ValueError("x"))
+    assert tasks[2].cancel() and not tasks[2].set_running_or_notify_cancel()
+    assert {t for t in as_completed(tasks, timeout=10)} == set(tasks)
+    assert tasks[1].result(timeout=10) == 7

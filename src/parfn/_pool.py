@@ -33,12 +33,19 @@ _START_METHODS = ("fork", "forkserver", "spawn")
 
 
 class _TaskSink:
-    """Connects a one-item Job to its Task."""
+    """Connects a one-item Job to its Task (and the Task's ``cancel`` to the backend)."""
 
-    __slots__ = ("task",)
+    __slots__ = ("backend", "job", "task")
 
-    def __init__(self, task: Task[Any]) -> None:
+    def __init__(self, task: Task[Any], backend: Backend) -> None:
         self.task = task
+        self.backend = backend
+        self.job: Job | None = None
+
+    def stop(self) -> bool:
+        """Stop the running job (``Task.cancel``); True if it was stopped."""
+        job = self.job
+        return job is not None and self.backend.cancel(job)
 
     def start(self) -> bool:
         # Read without the lock: only the pool makes a task RUNNING (here),
@@ -54,7 +61,7 @@ class _TaskSink:
         self, lo: int, values: Any, errors: dict[int, BaseException], elapsed: float
     ) -> None:
         task = self.task
-        task._stop = None  # done: let the job and its arguments go
+        task._stopper = None  # done: let the job and its arguments go
         error = errors.get(lo)
         try:
             if error is None:
@@ -247,9 +254,10 @@ class Pool:
         plain, options = _unwrap(fn)
         _check_call(plain, args, kwargs)
         task: Task[R] = Task()
-        job = Job(plain, [args], options, _TaskSink(task), kwargs=kwargs)
+        sink = _TaskSink(task, backend)
+        sink.job = job = Job(plain, (args,), options, sink, kwargs=kwargs)
         if backend.can_stop_running:
-            task._stop = lambda: backend.cancel(job)
+            task._stopper = sink
         # A backend may answer a blocking call on this thread (the process
         # pool talks to an idle worker directly).
         submit_and_wait = getattr(backend, "submit_and_wait", None) if wait else None

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
-from typing import Any, TypeVar
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
+from typing import Any, Protocol, TypeVar
 
 R = TypeVar("R")
 
@@ -22,6 +30,43 @@ if sys.version_info < (3, 11):
 
     class _WaitTimeout(concurrent.futures.TimeoutError, TimeoutError):
         """A wait ran out: before 3.11 the futures' TimeoutError is not the builtin one."""
+
+
+class Stopper(Protocol):
+    """What stops a running task (its backend's side of ``Task.cancel``)."""
+
+    def stop(self) -> bool: ...
+
+
+class _Condition(threading.Condition):
+    """``threading.Condition(threading.Lock())``, two objects lighter.
+
+    A Condition binds its lock's ``acquire`` and ``release`` to itself, two
+    more objects per task for the garbage collector; here they are methods.
+    A Future never takes its own lock twice (nor may Task), so a plain Lock
+    serves.
+    """
+
+    def __init__(self) -> None:  # no super().__init__(): it would bind them
+        self._lock = threading.Lock()
+        self._waiters: deque[Any] = _NO_WAITERS
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._waiters:  # the caller holds the lock: nobody waits on it
+            self._waiters = deque()
+        return super().wait(timeout)
+
+
+_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+_NO_WAITERS: Any = ()
+"""Until a thread waits, a Condition's waiters and a Task's callbacks are this
+shared empty tuple, which ``notify`` and ``_invoke_callbacks`` read as empty."""
 
 
 class Task(Future[R]):
@@ -45,8 +90,27 @@ class Task(Future[R]):
     one (its worker is ended and replaced).
     """
 
-    _stop: Callable[[], bool] | None = None
-    """Set by the backend while the task runs: ends it, True if it did."""
+    _stopper: Stopper | None = None
+    """Set while the task may run: its ``stop()`` ends it, True if it did."""
+
+    def __init__(self) -> None:
+        # Future.__init__, with a lighter Condition (see _Condition): tens of
+        # thousands of tasks may wait in a queue, and the garbage collector
+        # scans every object they hold, again and again. A test checks that
+        # the attributes match Future's.
+        self._condition = _Condition()
+        self._state = PENDING
+        self._result: R | None = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Future[R]], object]] = _NO_WAITERS
+
+    def add_done_callback(self, fn: Callable[[Future[R]], object]) -> None:
+        """Call ``fn(task)`` when the task is done (at once if it is)."""
+        with self._condition:
+            if self._done_callbacks is _NO_WAITERS:
+                self._done_callbacks = []
+        super().add_done_callback(fn)
 
     if sys.version_info < (3, 11):
 
@@ -77,8 +141,8 @@ class Task(Future[R]):
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until the task is done or ``timeout`` seconds pass; raises nothing."""
-        with self._condition:
-            if not self.done():
+        with self._condition:  # not reentrant: no done() inside
+            if self._state not in _DONE:
                 self._condition.wait(timeout)
 
     def ready(self) -> bool:
@@ -100,11 +164,11 @@ class Task(Future[R]):
         """
         if super().cancel():
             return True
-        stop = self._stop
+        stopper = self._stopper
         with self._condition:
-            if self._state != RUNNING or stop is None:
+            if self._state != RUNNING or stopper is None:
                 return False
-        if not stop():
+        if not stopper.stop():
             return False
         self._cancel_from_pool()
         return self.cancelled()
