@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import _systems
@@ -303,10 +303,23 @@ def floor_cpu(p: dict[str, Any]) -> Result:
     return _ok([time.perf_counter() - t0], "s")
 
 
+class _BuiltinMap(System):
+    """The builtin ``map``, lazy, in this process: what the imap consumer alone can take."""
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        return map(fn, items)
+
+
+def floor_imap(p: dict[str, Any]) -> Result:
+    """The imap workload's own consumer and input over the builtin ``map``: its ceiling."""
+    return imap(_BuiltinMap(), p)
+
+
 FLOORS: dict[str, Callable[[dict[str, Any]], Result]] = {
     "latency": floor_latency,
     "array": floor_array,
     "cpu": floor_cpu,
+    "imap": floor_imap,
     "cold": lambda p: cold("pass", p),
 }
 

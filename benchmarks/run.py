@@ -99,7 +99,8 @@ WORKLOADS: dict[str, Workload] = {
             {"reps": 3, "starts": 3},
         ),
         Workload(
-            "imap", "`imap` over an endless generator", "rate", "",
+            "imap", "`imap` over an endless generator", "rate",
+            "the same consumer and input over the builtin `map`, in one process",
             {"reps": 1, **_IMAP_QUICK},
             {"reps": 2, **_IMAP_FULL},
         ),

@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from types import TracebackType
@@ -456,7 +456,7 @@ class Pool:
             chunksize=chunksize,
             progress=progress,
         )
-        return MapIterator(_values(run))
+        return MapIterator(run)
 
 
 class MapIterator(Generic[R]):
@@ -472,22 +472,30 @@ class MapIterator(Generic[R]):
     the input and drops the chunks not yet started.
     """
 
-    def __init__(self, results: Iterator[R]) -> None:
-        self._results = results
-        self._lock = threading.Lock()  # one thread advances it at a time
+    def __init__(self, run: MapRun) -> None:
+        self._runs = _runs(run)
+        self._current: Iterator[R] = iter(())  # over the run of values being read
+        self._lock = threading.Lock()  # one thread fetches the next run at a time
 
     def __iter__(self) -> MapIterator[R]:
         return self
 
     def __next__(self) -> R:
+        try:
+            return next(self._current)  # a list's iterator: one C call per item
+        except StopIteration:
+            pass
         with self._lock:
-            return next(self._results)
+            while True:
+                try:
+                    return next(self._current)
+                except StopIteration:
+                    self._current = iter(next(self._runs))  # may end the iteration
 
     def close(self) -> None:
         with self._lock:
-            close = getattr(self._results, "close", None)
-            if close is not None:
-                close()
+            self._current = iter(())
+            self._runs.close()
 
     def __aiter__(self) -> MapIterator[R]:
         return self
@@ -509,15 +517,16 @@ class MapIterator(Generic[R]):
 _END: Any = object()
 
 
-def _values(run: MapRun) -> Iterator[Any]:
+def _runs(run: MapRun) -> Generator[list[Any], None, None]:
+    """The map's values in runs (lists); an item's exception is raised in its place."""
     for values, errors in run.chunks():
         if not errors:
-            yield from values
+            yield values
             continue
-        for k, value in enumerate(values):
-            if k in errors:
-                raise errors[k]
-            yield value
+        k = min(errors)
+        if k:
+            yield values[:k]
+        raise errors[k]
 
 
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
