@@ -51,6 +51,19 @@ def test_starmap(pool: parfn.Pool) -> None:
     assert pool.starmap(funcs.add, [(1, 2), (3, 4)]) == [3, 7]
 
 
+def test_results_keep_their_exact_types(pool: parfn.Pool) -> None:
+    """Short runs of plain scalars travel inline, others pickled: both come back as sent."""
+    values = [1, 2.5, None, True, 1 + 2j, "s", "x" * 300, b"b", [1], 10**30, float("inf")]
+    for got in (
+        pool.map(funcs.identity, values, chunksize=1),
+        pool.map(funcs.identity, values),
+        [pool.spawn(funcs.identity, v).result(timeout=T) for v in values],
+        [pool.apply(funcs.identity, v) for v in values],
+    ):
+        assert got == values
+        assert [type(v) for v in got] == [type(v) for v in values]
+
+
 def test_map_keeps_input_order_with_uneven_durations(pool: parfn.Pool) -> None:
     delays = [0.2, 0.0, 0.1, 0.0]
     assert pool.map(funcs.sleep_then, delays, range(4), chunksize=1) == [0, 1, 2, 3]

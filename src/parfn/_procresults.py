@@ -31,7 +31,8 @@ def on_results(pool: PoolState, worker: Worker, message: Results) -> list[tuple[
         for done in message.done:
             work = worker.runs.pop(done.run_id, None)
             if work is None:
-                dropped.append(done.payload)
+                if not isinstance(done.payload, list):
+                    dropped.append(done.payload)
                 continue
             if work.state.job.options.timeout is not None:
                 pool._timed -= 1
@@ -52,6 +53,10 @@ def on_results(pool: PoolState, worker: Worker, message: Results) -> list[tuple[
 
 def deliver_one(pool: PoolState, work: Work, done: Any) -> None:
     """Hand one run's outcome (a ``Done``) to its sink (no lock held)."""
+    if type(done.payload) is list:  # plain values, inline: nothing to load or release
+        if not work.state.cancelled:
+            work.state.job.sink.deliver(work.lo, done.payload, {}, done.elapsed)
+        return
     if work.state.cancelled or done.payload is None:
         release(done.payload)
         return

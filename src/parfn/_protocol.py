@@ -83,12 +83,14 @@ class Done(NamedTuple):
     ``errors`` maps item index to an ExceptionEnvelope. ``payload`` is None
     when the run was cancelled before it started, and empty when its
     arguments could not be loaded (the parent then sends the items one by one).
+    A short run of plain scalars that raised nothing sends its ``values``
+    list itself, inline.
     """
 
     run_id: int
     lo: int
     hi: int
-    payload: bytes | None
+    payload: bytes | list[Any] | None
     elapsed: float
 
 

@@ -191,12 +191,28 @@ class _Worker:
         return Done(run.run_id, run.lo, run.hi, _pack(values, errors, run.lo, run.data), elapsed)
 
 
-def _pack(values: list[Any], errors: dict[int, ExceptionEnvelope], lo: int, inputs: bytes) -> bytes:
+_INLINE_RUN = 8
+"""Runs up to this long whose values are all plain scalars travel inline."""
+_SCALARS = frozenset({int, float, bool, type(None), complex})
+
+
+def _pack(
+    values: list[Any], errors: dict[int, ExceptionEnvelope], lo: int, inputs: bytes
+) -> bytes | list[Any]:
     """Pickle a run's outcomes; a result that cannot be pickled fails alone.
 
     Big buffers go through shared memory, for the parent to own; one returned
     unchanged from the run's arguments (``inputs``) borrows their segment.
+    A short run of plain scalars (numbers, None, short strings) that raised
+    nothing is returned as is, to travel inline in the Results message: one
+    pickle for the whole message, and nothing that can fail to pickle or load.
     """
+    if not errors and len(values) <= _INLINE_RUN:
+        for v in values:
+            if type(v) not in _SCALARS and not (type(v) is str and len(v) < 256):
+                break
+        else:
+            return values
     try:
         return dumps((values, errors), shm="one", inputs=inputs)
     except SerializationError:
