@@ -84,7 +84,6 @@ from ._procstart import (
     preload_forkserver,
     register_pool,
     replace_workers,
-    shutdown_all_pools,
     start_worker,
 )
 from ._procstate import PoolState, Work, Worker
@@ -94,7 +93,7 @@ from ._serialize import dump_function
 from ._shm import release_leftovers, sweep_stale
 from .backends._base import Job, available_cpus
 
-__all__ = ("ProcessPool", "shutdown_all_pools")
+__all__ = ("ProcessPool",)
 
 
 class ProcessPool(PoolState):
@@ -222,10 +221,10 @@ class ProcessPool(PoolState):
             with self._lock:
                 worker.borrowed = False
                 died = worker.died
-                if not died and worker in self._workers:
+                if died:
+                    self._returned_dead.append(worker)  # for the manager to account for
+                elif worker in self._workers:
                     self._selector.register(channel.fd, selectors.EVENT_READ, ("pipe", worker))
-            if died:
-                self._on_exit(worker)
             if died or worker.retiring or self._closed or self._queue or self._pending_failures:
                 self._wake()
 
@@ -306,6 +305,11 @@ class ProcessPool(PoolState):
                             tag[1].channel.flush()
                 else:
                     self._on_exit(tag[1])
+            if self._returned_dead:
+                with self._lock:
+                    returned, self._returned_dead = self._returned_dead, []
+                for worker in returned:
+                    self._on_exit(worker)
             with self._lock:
                 replace_workers(self)
                 dispatch(self)  # (drops cancelled work from the queue)
@@ -365,8 +369,8 @@ class ProcessPool(PoolState):
     def _on_exit(self, worker: Worker) -> None:
         """A worker's process ended: account for every run it had.
 
-        A worker lent to a caller (``_talk``) is accounted for by that caller
-        when it gives the worker back.
+        A worker lent to a caller (``_talk``) is accounted for once that
+        caller gives it back (through ``_returned_dead``).
         """
         with self._lock:
             if worker.borrowed:

@@ -131,8 +131,9 @@ class PoolState:
     ``_pending_failures`` and ``_timed``; sinks are called without holding it.
     A function that needs it held says "caller holds ``_lock``". ``_fn_lock``
     guards the function tables (the hot path reads ``_fn_cache`` without it).
-    ``_finished`` and ``_dead_pids`` belong to the manager thread (and to a
-    caller that gives back a borrowed worker that died, see ``_talk``).
+    ``_finished`` and ``_dead_pids`` belong to the manager thread alone: a
+    caller that gives back a borrowed worker that died puts it in
+    ``_returned_dead`` (under ``_lock``), for the manager to account for.
     """
 
     def __init__(
@@ -173,6 +174,7 @@ class PoolState:
         self._woken = False  # a wakeup byte is in the pipe, not yet drained
         self._finished: list[tuple[Work, Any]] = []  # runs to deliver, for _deliver_all
         self._dead_pids: list[int] = []  # workers that exited, for _deliver_all
+        self._returned_dead: list[Any] = []  # borrowed workers that died (guarded by _lock)
         self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
 
     def _wake(self) -> None:

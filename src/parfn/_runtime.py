@@ -88,6 +88,6 @@ def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
 def _at_exit() -> None:
     """Shut down as a normal ``with`` exit does; Ctrl-C meanwhile ends the rest.
 
-    (Other open process pools are shut down by ``_procpool``'s own exit hook.)
+    (Other open process pools are shut down by ``_procstart``'s exit hook.)
     """
     shutdown()

@@ -470,8 +470,8 @@ def _at_exit(pid: int) -> None:
         return  # a forked child that inherited the hook: not its segments
     try:
         # Pools still open drain first (their queued jobs need their segments).
-        procpool: Any = sys.modules.get("parfn._procpool")
-        if procpool is not None:
-            procpool.shutdown_all_pools()
+        procstart: Any = sys.modules.get("parfn._procstart")
+        if procstart is not None:
+            procstart.shutdown_all_pools()
     finally:
         release_leftovers(pid)
