@@ -97,6 +97,14 @@ def test_imap_raises_at_the_failing_item(pool: parfn.Pool) -> None:
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     with pytest.raises(ValueError, match="bad item 3"):
         next(it)
+    assert list(it) == [], "an imap ends at its first error (as a generator does)"
+
+
+def test_imap_close_ends_the_iteration_at_once(pool: parfn.Pool) -> None:
+    it = pool.imap(funcs.square, range(10_000), chunksize=500)
+    assert next(it) == 0
+    it.close()
+    assert list(it) == []
 
 
 def test_map_return_exceptions_keeps_every_other_result(pool: parfn.Pool) -> None:

@@ -8,7 +8,7 @@ from types import EllipsisType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from . import _runtime, _serialize
-from ._pool import MapIterator
+from ._mapping import MapIterator
 from ._task import Task
 from .backends._base import Options
 

@@ -16,16 +16,19 @@ from __future__ import annotations
 import itertools
 import math
 import queue
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import CancelledError
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from ._progress import open_progress
 from .backends._base import Backend, Item, Job, Options
 
-__all__ = ("MapRun",)
+__all__ = ("MapIterator", "MapRun")
 
-_END = object()
+R = TypeVar("R")
+
+_END: Any = object()
 
 TARGET_CHUNK_SECONDS = 0.02
 WINDOW_ITEMS = 512
@@ -98,7 +101,7 @@ class MapRun:
         self.held = 0  # items submitted and not yet given back
         self.exhausted = False
 
-    def chunks(self) -> Iterator[tuple[list[Any], dict[int, BaseException]]]:
+    def chunks(self) -> Generator[tuple[list[Any], dict[int, BaseException]], None, None]:
         """Outcomes as they can be given back: ``(values, errors)`` runs of items,
         in input order when ``ordered``; ``errors`` maps a position in
         ``values`` to the exception standing there."""
@@ -211,3 +214,96 @@ def _is_item_error(exc: BaseException) -> bool:
     from ._errors import SerializationError
 
     return isinstance(exc, (SerializationError, CancelledError))
+
+
+class MapIterator(itertools.chain[R]):
+    """The results of ``imap``/``imap_unordered``: iterate them, or ``async for``.
+
+    >>> import parfn
+    >>> with parfn.Pool(2, backend="thread") as pool:
+    ...     list(pool.imap(abs, [-1, -2]))
+    [1, 2]
+
+    ``async for r in pool.imap(f, xs)`` waits for each result in a thread, so
+    the event loop is not blocked. ``close()`` (or ``aclose()``) stops reading
+    the input and drops the chunks not yet started. Like a generator, it is
+    advanced by one thread at a time (``async for`` from several tasks is fine).
+    """
+
+    # An itertools.chain over runs of values (lists): each item costs one C
+    # call, not a Python one. _Runs fetches the next run.
+    _runs: _Runs
+    _async_lock: threading.Lock
+
+    def __new__(cls, run: MapRun) -> MapIterator[R]:
+        runs = _Runs(run)
+        self = cast("MapIterator[R]", cls.from_iterable(runs))
+        self._runs = runs
+        self._async_lock = threading.Lock()
+        return self
+
+    def __init__(self, run: MapRun) -> None:
+        pass  # all done in __new__ (from_iterable makes the instance)
+
+    def close(self) -> None:
+        self._runs.close()
+
+    def __aiter__(self) -> MapIterator[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        import asyncio
+
+        value = await asyncio.to_thread(self._next_or_end)
+        if value is _END:
+            raise StopAsyncIteration
+        return cast(R, value)
+
+    def _next_or_end(self) -> Any:
+        with self._async_lock:
+            return next(self, _END)
+
+    async def aclose(self) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.close)
+
+
+class _Runs:
+    """A map's values in runs (lists), in order; an item's exception is raised
+    in its place (after the values before it), and ends the iteration."""
+
+    def __init__(self, run: MapRun) -> None:
+        self._chunks = run.chunks()
+        self._last: list[Any] = []
+        self._error: BaseException | None = None
+        self._busy = threading.Lock()
+
+    def __iter__(self) -> _Runs:
+        return self
+
+    def __next__(self) -> list[Any]:
+        if not self._busy.acquire(blocking=False):
+            raise ValueError("this imap iterator is being advanced by another thread")
+        try:
+            error, self._error = self._error, None
+            if error is not None:
+                self._chunks.close()
+                raise error
+            values, errors = next(self._chunks)  # StopIteration: the end
+            if errors:
+                k = min(errors)
+                if not k:
+                    self._chunks.close()
+                    raise errors[k]
+                values, self._error = values[:k], errors[k]
+            self._last = values
+            return values
+        finally:
+            self._busy.release()
+
+    def close(self) -> None:
+        with self._busy:
+            self._last.clear()  # what the chain is reading: it ends there
+            self._error = None
+            self._chunks.close()

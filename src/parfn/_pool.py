@@ -11,15 +11,15 @@ import contextlib
 import itertools
 import threading
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from types import TracebackType
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _runtime
 from ._errors import PoolClosed
-from ._mapping import MapRun
+from ._mapping import MapIterator, MapRun
 from ._task import Task
 from .backends import BACKENDS, load
 from .backends._base import Backend, Item, Job, Options
@@ -457,76 +457,6 @@ class Pool:
             progress=progress,
         )
         return MapIterator(run)
-
-
-class MapIterator(Generic[R]):
-    """The results of ``imap``/``imap_unordered``: iterate them, or ``async for``.
-
-    >>> import parfn
-    >>> with parfn.Pool(2, backend="thread") as pool:
-    ...     list(pool.imap(abs, [-1, -2]))
-    [1, 2]
-
-    ``async for r in pool.imap(f, xs)`` waits for each result in a thread, so
-    the event loop is not blocked. ``close()`` (or ``aclose()``) stops reading
-    the input and drops the chunks not yet started.
-    """
-
-    def __init__(self, run: MapRun) -> None:
-        self._runs = _runs(run)
-        self._current: Iterator[R] = iter(())  # over the run of values being read
-        self._lock = threading.Lock()  # one thread fetches the next run at a time
-
-    def __iter__(self) -> MapIterator[R]:
-        return self
-
-    def __next__(self) -> R:
-        try:
-            return next(self._current)  # a list's iterator: one C call per item
-        except StopIteration:
-            pass
-        with self._lock:
-            while True:
-                try:
-                    return next(self._current)
-                except StopIteration:
-                    self._current = iter(next(self._runs))  # may end the iteration
-
-    def close(self) -> None:
-        with self._lock:
-            self._current = iter(())
-            self._runs.close()
-
-    def __aiter__(self) -> MapIterator[R]:
-        return self
-
-    async def __anext__(self) -> R:
-        import asyncio
-
-        value = await asyncio.to_thread(next, self, _END)
-        if value is _END:
-            raise StopAsyncIteration
-        return value
-
-    async def aclose(self) -> None:
-        import asyncio
-
-        await asyncio.to_thread(self.close)
-
-
-_END: Any = object()
-
-
-def _runs(run: MapRun) -> Generator[list[Any], None, None]:
-    """The map's values in runs (lists); an item's exception is raised in its place."""
-    for values, errors in run.chunks():
-        if not errors:
-            yield values
-            continue
-        k = min(errors)
-        if k:
-            yield values[:k]
-        raise errors[k]
 
 
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
