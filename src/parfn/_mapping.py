@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -105,7 +106,7 @@ class MapRun:
         """Outcomes as they can be given back: ``(values, errors)`` runs of items,
         in input order when ``ordered``; ``errors`` maps a position in
         ``values`` to the exception standing there."""
-        outstanding: list[_Chunk] = []  # submitted, not yet fully given back, in input order
+        outstanding: deque[_Chunk] = deque()  # submitted, not fully given back, in input order
         interrupted = False
         try:
             while True:
@@ -119,7 +120,7 @@ class MapRun:
                 self._record(chunk, lo, values, errors, elapsed)
                 if self.ordered:
                     while outstanding and outstanding[0].remaining == 0:
-                        done = outstanding.pop(0)
+                        done = outstanding.popleft()
                         self.held -= len(done.values)
                         yield done.values, done.errors
                 else:
@@ -139,7 +140,7 @@ class MapRun:
             if self.bar is not None:
                 self.bar.close()
 
-    def _room(self, outstanding: list[_Chunk]) -> bool:
+    def _room(self, outstanding: deque[_Chunk]) -> bool:
         """May another chunk go out? Two per worker, or more while they are
         small, up to ``WINDOW_ITEMS`` items not yet given back."""
         if self.chunksize is None and self.per_item is None:
@@ -197,7 +198,8 @@ class MapRun:
     ) -> None:
         n = len(values)
         if n == len(chunk.values):
-            chunk.values = list(values)
+            # The backend hands over a list it no longer uses: no copy.
+            chunk.values = values if type(values) is list else list(values)
         else:
             chunk.values[lo : lo + n] = values
         if errors:

@@ -89,7 +89,8 @@ class Sink(Protocol):
 
         ``errors`` maps an item index to the exception standing in its place
         (``values`` holds ``None`` there). ``elapsed`` is the seconds the items
-        took to run, for chunk sizing; 0.0 if unknown.
+        took to run, for chunk sizing; 0.0 if unknown. The sink may keep
+        ``values``: the backend does not use it afterwards.
         """
         ...
 
