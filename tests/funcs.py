@@ -125,3 +125,10 @@ def failing_initializer() -> None:
 
 def ppid(_: object = None) -> int:
     return os.getppid()
+
+
+class Holder:
+    """An object whose bound method is a task (references to it must not outlive the task)."""
+
+    def method(self, x: int) -> int:
+        return x + 1

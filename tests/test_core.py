@@ -64,6 +64,26 @@ def test_results_keep_their_exact_types(pool: parfn.Pool) -> None:
         assert [type(v) for v in got] == [type(v) for v in values]
 
 
+def test_a_finished_task_keeps_no_reference_to_its_function(pool: parfn.Pool) -> None:
+    """Without the garbage collector: no reference cycle holds a done task's job."""
+    import gc
+    import weakref
+
+    holder = funcs.Holder()
+    gone = weakref.ref(holder)
+    gc.disable()
+    try:
+        assert pool.spawn(holder.method, 1).result(timeout=T) == 2
+        assert pool.apply(holder.method, 2) == 3
+        del holder
+        deadline = time.monotonic() + T
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)  # a backend thread may still be letting go of the job
+        assert gone() is None, gc.get_referrers(gone())
+    finally:
+        gc.enable()
+
+
 def test_map_keeps_input_order_with_uneven_durations(pool: parfn.Pool) -> None:
     delays = [0.2, 0.0, 0.1, 0.0]
     assert pool.map(funcs.sleep_then, delays, range(4), chunksize=1) == [0, 1, 2, 3]

@@ -62,6 +62,7 @@ class _TaskSink:
     ) -> None:
         task = self.task
         task._stopper = None  # done: let the job and its arguments go
+        self.job = None  # (the job refers to this sink: no cycle left behind)
         error = errors.get(lo)
         try:
             if error is None:

@@ -66,14 +66,20 @@ class Collector:
                     return
                 batch = list(self._done)
                 self._done.clear()
-            batch = self._current(batch)
-            finished = {run.key: run.future for run in batch if run.future.status == "finished"}
-            data: dict[str, Any] = {}
-            if finished:
-                with contextlib.suppress(Exception):  # then each on its own, below
-                    data = self._client.gather(finished, errors="skip")
-            for run in batch:
-                try:
-                    self._outcome(run, data.get(run.key))
-                except Exception:  # a bug: say so, and keep delivering the others
-                    logging.getLogger("parfn").exception("delivering %r failed", run.job)
+            # A call of its own: while this thread waits, its locals must not
+            # keep the last runs (their jobs, functions, arguments) alive.
+            self._deliver(batch)
+            del batch
+
+    def _deliver(self, batch: list[Run]) -> None:
+        batch = self._current(batch)
+        finished = {run.key: run.future for run in batch if run.future.status == "finished"}
+        data: dict[str, Any] = {}
+        if finished:
+            with contextlib.suppress(Exception):  # then each on its own, below
+                data = self._client.gather(finished, errors="skip")
+        for run in batch:
+            try:
+                self._outcome(run, data.get(run.key))
+            except Exception:  # a bug: say so, and keep delivering the others
+                logging.getLogger("parfn").exception("delivering %r failed", run.job)

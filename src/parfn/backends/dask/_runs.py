@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -36,23 +37,32 @@ class Run:
 
 
 class FunctionPickles:
-    """Functions pickled once each (by identity, for the last 256)."""
+    """Functions pickled once each (by identity, for the last 256).
+
+    The cache holds a weak reference: it must not keep a function (or a bound
+    method's object) alive after its tasks are done. What cannot be weakly
+    referenced is pickled anew each time.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._data: OrderedDict[int, tuple[Callable[..., Any], bytes]] = OrderedDict()
+        self._data: OrderedDict[int, tuple[Callable[[], Any], bytes]] = OrderedDict()
 
     def dump(self, fn: Callable[..., Any]) -> bytes:
         """``fn`` pickled; raises SerializationError if it cannot be."""
         key = id(fn)
         with self._lock:
             hit = self._data.get(key)
-            if hit is not None and hit[0] is fn:
+            if hit is not None and hit[0]() is fn:
                 self._data.move_to_end(key)
                 return hit[1]
         data = dump_function(fn)
+        try:
+            ref = weakref.ref(fn)
+        except TypeError:
+            return data
         with self._lock:
-            self._data[key] = (fn, data)
+            self._data[key] = (ref, data)
             if len(self._data) > 256:
                 self._data.popitem(last=False)
         return data
