@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import CancelledError
 from typing import Any, TypeVar, cast
