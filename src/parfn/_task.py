@@ -98,7 +98,7 @@ class Task(Future[R]):
         # thousands of tasks may wait in a queue, and the garbage collector
         # scans every object they hold, again and again. A test checks that
         # the attributes match Future's.
-        self._condition = _Condition()
+        self._condition: threading.Condition = _Condition()
         self._state = PENDING
         self._result: R | None = None
         self._exception: BaseException | None = None
