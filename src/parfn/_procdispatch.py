@@ -4,6 +4,13 @@ A job is pickled in the caller's thread (its function once per pool, its
 arguments once per job) into ``Work``, runs of its items. The queued runs go
 to workers that can take them: idle workers first, then a second batch to
 workers running fast items, several fast runs coalesced into one Batch.
+
+The function tables are bounded, for a program that makes a new closure per
+call: the pool remembers the ``POOL_FUNCTIONS`` functions it pickled last
+(a job carries its own pickled function, so forgetting one only costs a new
+id if it comes again), and a worker holds at most ``WORKER_FUNCTIONS``: past
+that, the parent tells it to forget the least recently used ones that no run
+in flight on it uses.
 """
 
 from __future__ import annotations
@@ -16,14 +23,16 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from ._errors import PoolClosed, SerializationError
-from ._procstate import JobState, PoolState, Work, Worker
-from ._protocol import Batch, Define, Run, encode
+from ._procstate import JobState, PickledFunction, PoolState, Work, Worker
+from ._protocol import Batch, Define, Forget, Run, encode
 from ._serialize import describe_item_error, dump_function, dumps
 from .backends._base import Job
 
 __all__ = (
     "FAST_ITEM",
     "MAX_COALESCE",
+    "POOL_FUNCTIONS",
+    "WORKER_FUNCTIONS",
     "cancel_everything",
     "dispatch",
     "idle_worker",
@@ -36,6 +45,11 @@ __all__ = (
 FAST_ITEM = 0.002
 """Seconds: items quicker than this are coalesced into batches, two in flight per worker."""
 MAX_COALESCE = 64
+POOL_FUNCTIONS = 256
+"""How many functions a pool remembers, by identity and by pickled bytes."""
+WORKER_FUNCTIONS = 256
+"""How many functions a worker holds; past that it forgets the least recently
+used, down to three quarters of this (one Forget per 64 new functions)."""
 
 
 # -- pickling a job (in the caller's thread) ----------------------------------------------
@@ -46,7 +60,7 @@ def prepare(pool: PoolState, job: Job) -> tuple[list[Work], dict[int, str]]:
     each other item cannot be sent."""
     if pool._closed:
         raise PoolClosed("the pool is shut down")
-    fn_id, _ = function_id(pool, job.fn)
+    function = pickled_function(pool, job.fn)
     n = len(job.items)
     try:
         data = dumps((job.star, job.kwargs, job.items), "the arguments", shm="many")
@@ -56,7 +70,7 @@ def prepare(pool: PoolState, job: Job) -> tuple[list[Work], dict[int, str]]:
             args, kwargs = job.call_args(0)
             raise SerializationError(describe_item_error(args, kwargs, exc)) from exc.__cause__
         data, bad = _pack_good_items(job)
-    state = JobState(job, fn_id, data)
+    state = JobState(job, function, data)
     works = []
     lo = 0
     for i in [*sorted(bad), n]:
@@ -66,28 +80,32 @@ def prepare(pool: PoolState, job: Job) -> tuple[list[Work], dict[int, str]]:
     return works, bad
 
 
-def function_id(pool: PoolState, fn: Callable[..., Any]) -> tuple[int, bytes]:
-    """The id and bytes of ``fn``, pickled once per function.
+def pickled_function(pool: PoolState, fn: Callable[..., Any]) -> PickledFunction:
+    """``fn`` pickled, once per function while the pool remembers it.
 
     The hot path reads ``_fn_cache`` without a lock (a dict read is atomic):
     callers must not queue behind the manager thread just to find this.
     """
     hit = pool._fn_cache.get(id(fn))
     if hit is not None and hit[0]() is fn:
-        return hit[1], pool._fn_data[hit[1]]
+        return hit[1]
     data = dump_function(fn)
     with pool._fn_lock:
-        fn_id = pool._fn_by_data.get(data)
-        if fn_id is None:
-            fn_id = pool._fn_by_data[data] = next(pool._fn_ids)
-            pool._fn_data[fn_id] = data
-        if len(pool._fn_cache) >= 256:
+        by_data = pool._fn_by_data
+        function = by_data.get(data)
+        if function is not None:
+            by_data.move_to_end(data)
+        else:
+            function = by_data[data] = PickledFunction(data)
+            if len(by_data) > POOL_FUNCTIONS:
+                by_data.popitem(last=False)
+        if len(pool._fn_cache) >= POOL_FUNCTIONS:
             pool._fn_cache = {}  # a fresh dict: readers keep the old one
         # A weak reference: the cache must not keep a bound method's
         # object alive. What cannot be weakly referenced is pickled anew.
         with contextlib.suppress(TypeError):
-            pool._fn_cache[id(fn)] = (weakref.ref(fn), fn_id)
-    return fn_id, data
+            pool._fn_cache[id(fn)] = (weakref.ref(fn), function)
+    return function
 
 
 def _pack_good_items(job: Job) -> tuple[bytes, dict[int, str]]:
@@ -146,11 +164,17 @@ def send(pool: PoolState, worker: Worker, works: list[Work]) -> None:
     """Send ``works`` to ``worker`` as one Batch. Caller holds ``_lock``."""
     frames = []
     runs = []
+    fns = worker.fns
     for work in works:
         state = work.state
-        if state.fn_id not in worker.fns:
-            worker.fns.add(state.fn_id)
-            frames.append(encode(Define(state.fn_id, pool._fn_data[state.fn_id])))
+        if state.fn_id in fns:
+            fns.move_to_end(state.fn_id)
+        else:
+            fns[state.fn_id] = None
+            frames.append(encode(Define(state.fn_id, state.function.data)))
+            # Every new function adds an item time: bound them here too.
+            if len(pool._item_time) > 2 * WORKER_FUNCTIONS * len(pool._workers):
+                _forget_item_times(pool)
         work.run_id = next(pool._run_ids)
         worker.runs[work.run_id] = work
         if state.job.options.timeout is not None:
@@ -166,9 +190,38 @@ def send(pool: PoolState, worker: Worker, works: list[Work]) -> None:
                 state.job.options.timeout is not None,
             )
         )
+    if len(fns) > WORKER_FUNCTIONS:
+        forgotten = _forget_functions(worker)
+        if forgotten:
+            frames.append(encode(Forget(forgotten)))
     frames.append(encode(Batch(runs)))
     worker.batches += 1
     worker.channel.send(frames)
+
+
+def _forget_functions(worker: Worker) -> list[int]:
+    """Drop ``worker``'s least recently used functions, down to three quarters
+    of ``WORKER_FUNCTIONS``, but none that a run in flight on it uses (the
+    Batch being sent included): the worker reads every frame as it comes, and
+    runs a Batch later. The ids dropped. Caller holds ``_lock``."""
+    in_use = {work.state.fn_id for work in worker.runs.values()}
+    excess = len(worker.fns) - WORKER_FUNCTIONS * 3 // 4
+    forgotten: list[int] = []
+    for fn_id in worker.fns:
+        if len(forgotten) == excess:
+            break
+        if fn_id not in in_use:
+            forgotten.append(fn_id)
+    for fn_id in forgotten:
+        del worker.fns[fn_id]
+    return forgotten
+
+
+def _forget_item_times(pool: PoolState) -> None:
+    """Keep the item times of the functions that some worker holds. Caller holds ``_lock``."""
+    held = set().union(*(worker.fns for worker in pool._workers))
+    for fn_id in [fn_id for fn_id in pool._item_time if fn_id not in held]:
+        del pool._item_time[fn_id]
 
 
 def dispatch(pool: PoolState) -> None:

@@ -93,7 +93,7 @@ def isolate(pool: PoolState, work: Work) -> None:
     for i in range(work.lo, work.hi):
         job = state.job
         data = dumps((job.star, job.kwargs, {i: job.items[i]}), shm="many")
-        alone = JobState(job, state.fn_id, data)
+        alone = JobState(job, state.function, data)
         alone.started = True
         works.append(Work(alone, i, i + 1, work.retries))
     with pool._lock:

@@ -27,6 +27,7 @@ from .backends._base import Job
 
 __all__ = (
     "JobState",
+    "PickledFunction",
     "PoolState",
     "Work",
     "Worker",
@@ -46,14 +47,33 @@ parent_fds: set[int] = set()
 forked worker closes them (guarded by ``start_lock``)."""
 
 
+class PickledFunction:
+    """A function as workers receive it: pickled once, under an id that is
+    unique in this process."""
+
+    __slots__ = ("data", "fn_id")
+
+    def __init__(self, data: bytes) -> None:
+        self.fn_id = next(_function_ids)
+        self.data = data
+
+
+_function_ids = itertools.count(1)
+
+
 class JobState:
-    """A submitted job as the pool tracks it."""
+    """A submitted job as the pool tracks it.
 
-    __slots__ = ("__weakref__", "cancelled", "data", "fn_id", "job", "started")
+    Its ``function`` travels with it: whatever the pool's bounded tables have
+    forgotten meanwhile, a worker that lacks the function is sent it from here.
+    """
 
-    def __init__(self, job: Job, fn_id: int, data: bytes) -> None:
+    __slots__ = ("__weakref__", "cancelled", "data", "fn_id", "function", "job", "started")
+
+    def __init__(self, job: Job, function: PickledFunction, data: bytes) -> None:
         self.job = job
-        self.fn_id = fn_id
+        self.fn_id = function.fn_id
+        self.function = function
         self.data = data
         self.cancelled = False
         self.started = False
@@ -102,7 +122,8 @@ class Worker:
         self.status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
         self.runs: OrderedDict[int, Work] = OrderedDict()  # in flight, in send order
         self.batches = 0  # Batch frames sent and not yet answered
-        self.fns: set[int] = set()  # function ids this worker has been sent
+        # The function ids it holds, least recently used first (see _procdispatch.send).
+        self.fns: OrderedDict[int, None] = OrderedDict()
         self.items_run = 0
         self.retiring = False  # max_tasks_per_worker reached: no new work
         self.kill_reason: tuple[str, int, int] | None = None  # (why, run id, item index)
@@ -128,9 +149,10 @@ class PoolState:
 
     ``_lock`` guards the queue, the workers (their in-flight runs and their
     channels' output buffers), the selector's registrations,
-    ``_pending_failures`` and ``_timed``; sinks are called without holding it.
-    A function that needs it held says "caller holds ``_lock``". ``_fn_lock``
-    guards the function tables (the hot path reads ``_fn_cache`` without it).
+    ``_pending_failures``, ``_timed`` and ``_item_time``; sinks are called
+    without holding it. A function that needs it held says "caller holds
+    ``_lock``". ``_fn_lock`` guards the function tables, which keep the most
+    recent functions only (the hot path reads ``_fn_cache`` without it).
     ``_finished`` and ``_dead_pids`` belong to the manager thread alone: a
     caller that gives back a borrowed worker that died puts it in
     ``_returned_dead`` (under ``_lock``), for the manager to account for.
@@ -154,11 +176,11 @@ class PoolState:
         self._queue: deque[Work] = deque()
         self._workers: list[Worker] = []
         self._run_ids = itertools.count(1)
-        self._fn_ids = itertools.count(1)
-        self._fn_by_data: dict[bytes, int] = {}
-        self._fn_data: dict[int, bytes] = {}
         self._fn_lock = threading.Lock()  # guards the function tables below
-        self._fn_cache: dict[int, tuple[Any, int]] = {}  # id(fn) -> (weakref, fn_id)
+        # Pickled bytes -> function, least recently pickled first: equal
+        # functions (a closure made anew over the same values) share one id.
+        self._fn_by_data: OrderedDict[bytes, PickledFunction] = OrderedDict()
+        self._fn_cache: dict[int, tuple[Any, PickledFunction]] = {}  # id(fn) -> (weakref, it)
         self._item_time: dict[int, float] = {}  # fn_id -> seconds per item, smoothed
         self._closed = False
         self._stopping = False

@@ -2,14 +2,19 @@
 
 Parent -> worker, one frame each (the parent may put several in one write)::
 
-    Define(fn_id, data)        a function, sent to each worker once
+    Define(fn_id, data)        a function, sent before the first Batch that uses it
     Batch(runs)                run these, in order; one Results frame answers
     Cancel(run_id)             drop that run if it has not started
+    Forget(fn_ids)             drop these functions: no Batch yet to run uses them
 
 Worker -> parent::
 
     Results(done)              the outcomes of one Batch, a Done per Run
     InitFailed(error)          the initializer raised; the worker then exits
+
+The parent keeps track of the functions each worker holds, and has it forget
+the least recently used ones beyond a bound (``_procdispatch``): a function
+forgotten and used again is sent again.
 
 A worker exits when its pipe reaches end-of-file. Besides the pipe, each worker
 has a *status slot*, three float64 in shared memory, where it writes
@@ -34,6 +39,7 @@ __all__ = (
     "Cancel",
     "Define",
     "Done",
+    "Forget",
     "InitFailed",
     "Message",
     "Results",
@@ -77,6 +83,10 @@ class Cancel(NamedTuple):
     run_id: int
 
 
+class Forget(NamedTuple):
+    fn_ids: list[int]
+
+
 class Done(NamedTuple):
     """The outcome of one Run: ``payload`` pickles ``(values, errors)``.
 
@@ -102,18 +112,18 @@ class InitFailed(NamedTuple):
     error: ExceptionEnvelope
 
 
-Message = Define | Batch | Cancel | Results | InitFailed
+Message = Define | Batch | Cancel | Forget | Results | InitFailed
 
 # On the wire a message is a plain tuple ``(kind, *fields)``, its nested
 # messages plain tuples too: pickling named classes costs a Python call each.
-_KINDS: dict[type, int] = {Define: 0, Batch: 1, Cancel: 2, Results: 3, InitFailed: 4}
+_KINDS: dict[type, int] = {Define: 0, Batch: 1, Cancel: 2, Results: 3, InitFailed: 4, Forget: 5}
 
 
 def encode(message: Message) -> bytes:
     """A message as bytes."""
     kind = _KINDS[type(message)]
     if kind == 1 or kind == 3:  # a list of Runs or of Dones: send their fields
-        return pickle.dumps((kind, [tuple(m) for m in message[0]]), PROTOCOL)  # type: ignore[union-attr]
+        return pickle.dumps((kind, [tuple(m) for m in message[0]]), PROTOCOL)  # type: ignore[union-attr, arg-type]
     return pickle.dumps((kind, *message), PROTOCOL)
 
 
@@ -126,5 +136,5 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     return _CLASSES[kind]._make(fields)  # type: ignore[no-any-return]
 
 
-_CLASSES: list[Any] = [Define, Batch, Cancel, Results, InitFailed]
+_CLASSES: list[Any] = [Define, Batch, Cancel, Results, InitFailed, Forget]
 PROTOCOL = pickle.HIGHEST_PROTOCOL

@@ -40,6 +40,7 @@ from ._protocol import (
     Cancel,
     Define,
     Done,
+    Forget,
     InitFailed,
     Results,
     Run,
@@ -158,6 +159,10 @@ class _Worker:
                 )
         elif isinstance(message, Cancel):
             self.cancelled.add(message.run_id)
+        elif isinstance(message, Forget):
+            for fn_id in message.fn_ids:
+                self.functions.pop(fn_id, None)
+                self.broken_functions.pop(fn_id, None)
         else:  # pragma: no cover - a bug in the parent
             raise TypeError(f"unexpected message {message!r}")
 
