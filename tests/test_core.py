@@ -84,6 +84,17 @@ def test_a_finished_task_keeps_no_reference_to_its_function(pool: parfn.Pool) ->
         gc.enable()
 
 
+def test_values_bigger_than_a_pipe_cross_both_ways(pool: parfn.Pool) -> None:
+    """Frames of 70 KB to 900 KB (over the 64 KiB a pipe holds, under the size
+    that goes through shared memory) are read in several pieces, both ends."""
+    values = ["a" * 70_000, list(range(60_000)), b"b" * 900_000, "c" * 10]
+    assert pool.map(funcs.identity, values, chunksize=1) == values
+    assert pool.map(funcs.identity, values) == values
+    assert [pool.apply(funcs.identity, v) for v in values] == values
+    tasks = [pool.spawn(funcs.identity, v) for v in values * 3]
+    assert [t.result(timeout=T) for t in tasks] == values * 3
+
+
 def test_map_keeps_input_order_with_uneven_durations(pool: parfn.Pool) -> None:
     delays = [0.2, 0.0, 0.1, 0.0]
     assert pool.map(funcs.sleep_then, delays, range(4), chunksize=1) == [0, 1, 2, 3]
