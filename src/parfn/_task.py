@@ -57,6 +57,12 @@ class _Condition(threading.Condition):
     def release(self) -> None:
         self._lock.release()
 
+    def notify_all(self) -> None:
+        # The caller holds the lock (Future always does); with nobody waiting
+        # (a task's result is mostly read once it is done) there is nothing to do.
+        if self._waiters:
+            super().notify_all()
+
     def wait(self, timeout: float | None = None) -> bool:
         if not self._waiters:  # the caller holds the lock: nobody waits on it
             self._waiters = deque()
