@@ -118,6 +118,24 @@ def test_imap_reads_an_endless_generator_only_a_window_ahead(pool: parfn.Pool) -
     it.close()  # type: ignore[attr-defined]
 
 
+def test_imap_of_big_items_reads_only_a_few_ahead(pool: parfn.Pool) -> None:
+    """The window is bounded in bytes too: 1 MB items with a function that
+    takes no time go a few per chunk, not thousands."""
+    pulled = itertools.count()
+
+    def big_items():
+        for i in itertools.count():
+            next(pulled)
+            yield bytes([i % 256]) * 1_000_000
+
+    it = pool.imap(len, big_items())
+    assert [next(it) for _ in range(30)] == [1_000_000] * 30
+    time.sleep(0.2)  # give it time to read ahead, if it would
+    read = next(pulled)
+    assert read < 30 + 2 * pool.workers * 10 + 8, f"imap read {read} items of 1 MB"
+    it.close()
+
+
 def test_imap_unordered_gives_every_result(pool: parfn.Pool) -> None:
     out = list(pool.imap_unordered(funcs.square, range(100)))
     assert sorted(out) == [x * x for x in range(100)]

@@ -8,7 +8,8 @@ the chunk size: one failing, crashing or timed-out item fails alone.
 Chunk size, when not given: the first chunks hold one item, to measure how
 long an item takes; later chunks hold about ``TARGET_CHUNK_SECONDS`` of work,
 and never more than a quarter of a worker's share of a known input, so the
-work spreads evenly.
+work spreads evenly, nor more than about ``MAX_CHUNK_BYTES`` of input, so that
+big items do not pile up in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -36,6 +38,10 @@ WINDOW_ITEMS = 512
 """Small chunks (chunksize=1) may fill the window up to this many items."""
 MAX_CHUNK_UNKNOWN_LENGTH = 4096
 """The largest chunk pulled from an input of unknown length (bounds memory)."""
+MAX_CHUNK_BYTES = 8 << 20
+"""A chunk holds about this much input at most, judged by the size of the
+first item of each chunk (``sys.getsizeof``, one level into a tuple): big
+items (arrays, bytes, strings) go a few per chunk, whatever the function's speed."""
 
 
 class _Chunk:
@@ -98,6 +104,7 @@ class MapRun:
         # A backend with a high cost per task (Dask: ~10 ms) asks for longer chunks.
         self.target = max(TARGET_CHUNK_SECONDS, getattr(backend, "chunk_seconds", 0.0))
         self.per_item: float | None = None
+        self.item_bytes = 0  # the largest first item of a chunk so far, roughly
         self.pulled = 0
         self.held = 0  # items submitted and not yet given back
         self.exhausted = False
@@ -142,13 +149,14 @@ class MapRun:
 
     def _room(self, outstanding: deque[_Chunk]) -> bool:
         """May another chunk go out? Two per worker, or more while they are
-        small, up to ``WINDOW_ITEMS`` items not yet given back."""
+        small, up to ``WINDOW_ITEMS`` items (and ``MAX_CHUNK_BYTES``) not yet
+        given back."""
         if self.chunksize is None and self.per_item is None:
             # Still measuring the function: one one-item chunk per worker.
             return len(outstanding) < max(1, self.backend.workers)
         if len(outstanding) < self.window:
             return True
-        return self.held < WINDOW_ITEMS
+        return self.held < WINDOW_ITEMS and self.held * self.item_bytes < MAX_CHUNK_BYTES
 
     def _submit_next(self) -> _Chunk | None:
         size = self._next_size()
@@ -162,6 +170,8 @@ class MapRun:
             self.exhausted = True
             if not n:
                 return None
+        if self.chunksize is None:
+            self.item_bytes = max(self.item_bytes, _size_of(batch[0]))
         chunk = _Chunk(self, self.pulled, n)
         self.pulled += n
         self.held += n
@@ -186,6 +196,7 @@ class MapRun:
             cap = max(1, math.ceil(self.total / (4 * max(1, self.backend.workers))))
         else:
             cap = MAX_CHUNK_UNKNOWN_LENGTH
+        cap = min(cap, MAX_CHUNK_BYTES // max(1, self.item_bytes))
         return max(1, min(cap, int(self.target / max(self.per_item, 1e-7))))
 
     def _record(
@@ -309,3 +320,14 @@ class _Runs:
             self._last.clear()  # what the chain is reading: it ends there
             self._error = None
             self._chunks.close()
+
+
+def _size_of(item: Any) -> int:
+    """Roughly the bytes ``item`` holds (its arguments' too, for a tuple)."""
+    try:
+        size = sys.getsizeof(item)
+        if type(item) is tuple:
+            size += sum(sys.getsizeof(arg) for arg in item)
+    except Exception:  # a strange __sizeof__: no estimate
+        return 0
+    return size
