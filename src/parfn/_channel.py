@@ -107,15 +107,10 @@ class Reader:
             return []
         while True:
             missing = _missing(buf)
-            if missing > _READ_SIZE:  # a big frame: read it in place
+            if missing > _READ_SIZE:  # a big frame: read the rest of it in place
                 start = len(buf)
                 buf += bytes(missing)
-                with memoryview(buf) as view:
-                    while start < len(buf):
-                        n = os.readv(self.fd, [view[start:]])
-                        if not n:
-                            raise EOFError
-                        start += n
+                self._read_into(memoryview(buf)[start:])
             else:
                 data = os.read(self.fd, _READ_SIZE)
                 if not data:
@@ -124,6 +119,16 @@ class Reader:
             frames = _split(buf)
             if frames:
                 return frames
+
+    def _read_into(self, view: memoryview) -> None:
+        try:
+            while view:
+                n = os.readv(self.fd, [view])
+                if not n:
+                    raise EOFError
+                view = view[n:]
+        finally:
+            view.release()  # the buffer can be resized again, whatever happened
 
 
 class Channel:

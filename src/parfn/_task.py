@@ -39,12 +39,12 @@ class Stopper(Protocol):
 
 
 class _Condition(threading.Condition):
-    """``threading.Condition(threading.Lock())``, two objects lighter.
+    """``threading.Condition(threading.Lock())``, three objects lighter.
 
     A Condition binds its lock's ``acquire`` and ``release`` to itself, two
     more objects per task for the garbage collector; here they are methods.
-    A Future never takes its own lock twice (nor may Task), so a plain Lock
-    serves.
+    Its waiters' deque is made by the first ``wait``. A Future never takes
+    its own lock twice (nor may Task), so a plain Lock serves.
     """
 
     def __init__(self) -> None:  # no super().__init__(): it would bind them
