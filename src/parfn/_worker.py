@@ -145,7 +145,11 @@ class _Worker:
                 return
             if self.pending:
                 batch = self.pending.popleft()
-                write_frame(fd, encode(Results([self._run(run) for run in batch.runs])))
+                results = encode(Results([self._run(run) for run in batch.runs]))
+                try:
+                    write_frame(fd, results)
+                except OSError:
+                    return  # the parent closed its end: nobody to answer
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, Batch):
