@@ -40,8 +40,9 @@ MAX_CHUNK_UNKNOWN_LENGTH = 4096
 """The largest chunk pulled from an input of unknown length (bounds memory)."""
 MAX_CHUNK_BYTES = 8 << 20
 """A chunk holds about this much input at most, judged by the size of the
-first item of each chunk (``sys.getsizeof``, one level into a tuple): big
-items (arrays, bytes, strings) go a few per chunk, whatever the function's speed."""
+first item of each chunk (``sys.getsizeof`` or an array's ``nbytes``, one
+level into a tuple): big items (arrays, bytes, strings) go a few per chunk,
+whatever the function's speed."""
 
 
 class _Chunk:
@@ -325,9 +326,15 @@ class _Runs:
 def _size_of(item: Any) -> int:
     """Roughly the bytes ``item`` holds (its arguments' too, for a tuple)."""
     try:
-        size = sys.getsizeof(item)
         if type(item) is tuple:
-            size += sum(sys.getsizeof(arg) for arg in item)
-    except Exception:  # a strange __sizeof__: no estimate
+            return sum(_size_of_one(arg) for arg in item) + sys.getsizeof(item)
+        return _size_of_one(item)
+    except Exception:  # a strange __sizeof__ or nbytes: no estimate
         return 0
-    return size
+
+
+def _size_of_one(obj: Any) -> int:
+    # ``nbytes``: an array's data even when it is a view (numpy, memoryview),
+    # which ``getsizeof`` leaves out.
+    nbytes = getattr(obj, "nbytes", 0)
+    return max(sys.getsizeof(obj), nbytes if type(nbytes) is int else 0)
