@@ -31,23 +31,31 @@ def _frame(data: bytes) -> bytes:
     return _header(len(data)) + data
 
 
+def _bounds(buf: bytearray, pos: int) -> tuple[int, int]:
+    """The frame at ``pos``: ``(start, end)`` of its data, or ``(-1, end)``
+    while its header is incomplete, ``end`` being where the header ends."""
+    if len(buf) - pos < 4:
+        return -1, pos + 4
+    n: int = _HEADER.unpack_from(buf, pos)[0]
+    if n != -1:
+        return pos + 4, pos + 4 + n
+    if len(buf) - pos < 12:
+        return -1, pos + 12
+    n = _LONG_HEADER.unpack_from(buf, pos + 4)[0]
+    return pos + 12, pos + 12 + n
+
+
 def _split(buf: bytearray) -> list[bytes]:
     """Take the complete frames off the front of ``buf``."""
     frames: list[bytes] = []
-    pos, end = 0, len(buf)
+    pos = 0
     with memoryview(buf) as view:  # one copy of each frame, not two
-        while end - pos >= 4:
-            (n,) = _HEADER.unpack_from(buf, pos)
-            start = pos + 4
-            if n == -1:
-                if end - start < 8:
-                    break
-                (n,) = _LONG_HEADER.unpack_from(buf, start)
-                start += 8
-            if end - start < n:
+        while True:
+            start, end = _bounds(buf, pos)
+            if start < 0 or end > len(buf):
                 break
-            frames.append(view[start : start + n].tobytes())
-            pos = start + n
+            frames.append(view[start:end].tobytes())
+            pos = end
     if pos:
         del buf[:pos]
     return frames
@@ -55,15 +63,7 @@ def _split(buf: bytearray) -> list[bytes]:
 
 def _missing(buf: bytearray) -> int:
     """How many more bytes the frame at the front of ``buf`` needs (at least 1)."""
-    if len(buf) < 4:
-        return 4 - len(buf)
-    n: int = _HEADER.unpack_from(buf, 0)[0]
-    if n != -1:
-        return 4 + n - len(buf)
-    if len(buf) < 12:
-        return 12 - len(buf)
-    n = _LONG_HEADER.unpack_from(buf, 4)[0]
-    return 12 + n - len(buf)
+    return _bounds(buf, 0)[1] - len(buf)
 
 
 def write_frame(fd: int, data: bytes) -> None:
