@@ -77,15 +77,10 @@ def main() -> None:
     def record(row: str, system: str, value: float) -> None:
         rows.setdefault(row, {"dask": [], "parfn": []})[system].append(value)
 
+    from parfn.backends.dask._cluster import local_cluster  # as parfn starts its own
+
     with (
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        ) as cluster,
+        local_cluster(2) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
         parfn.Pool(backend="dask", client=client) as pool,
     ):

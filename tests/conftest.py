@@ -81,15 +81,10 @@ def make_pool(backend: str, start_method: str | None, workers: int = 2, **kw: ob
 def dask_client() -> Iterator[Any]:
     """One LocalCluster for the session, on loopback, with no dashboard."""
     distributed = pytest.importorskip("distributed")
+    from parfn.backends.dask._cluster import local_cluster
+
     with (
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        ) as cluster,
+        local_cluster(2) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
     ):
         yield client

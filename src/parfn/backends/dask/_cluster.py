@@ -21,7 +21,7 @@ from ..._serialize import dumps
 from .._base import available_cpus
 from ._remote import initializer_plugin
 
-__all__ = ("Connection", "Markers", "check_options", "import_distributed")
+__all__ = ("Connection", "Markers", "check_options", "import_distributed", "local_cluster")
 
 _INSTALL = "the dask backend needs the 'distributed' package: pip install 'parfn[dask]'"
 
@@ -32,6 +32,22 @@ def import_distributed() -> Any:
     except ImportError as exc:
         raise ImportError(_INSTALL) from exc
     return distributed
+
+
+def local_cluster(n_workers: int) -> Any:
+    """A LocalCluster of ``n_workers`` one-thread worker processes, on loopback,
+    with no dashboard: the scheduler's small HTTP server (health, metrics)
+    listens on a free port, not on 8787 where another may be. (The tests and
+    the Dask benchmark start theirs here too.)"""
+    distributed = import_distributed()
+    return distributed.LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    )
 
 
 def check_options(
@@ -149,16 +165,7 @@ class Connection:
             n = workers or available_cpus()
             self.limit = 2 * n
             with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-                self.cluster = distributed.LocalCluster(
-                    n_workers=n,
-                    threads_per_worker=1,
-                    processes=True,
-                    host="127.0.0.1",
-                    dashboard_address=None,
-                    # No dashboard; the scheduler's small HTTP server (health,
-                    # metrics) on a free port, not on 8787 where another may be.
-                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                )
+                self.cluster = local_cluster(n)
             try:
                 self.client = distributed.Client(self.cluster, set_as_default=False)
             except BaseException:
