@@ -115,14 +115,10 @@ def worker_main(
         try:
             load_function(init)(*initargs)
         except Exception as exc:
-            _send(conn, InitFailed(ExceptionEnvelope(exc)))
+            write_frame(conn.fileno(), encode(InitFailed(ExceptionEnvelope(exc))))
             os._exit(1)
     _Worker(conn, status).loop()
     os._exit(0)
-
-
-def _send(conn: Connection, message: Any) -> None:
-    conn.send_bytes(encode(message))
 
 
 class _Worker:
