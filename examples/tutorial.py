@@ -1,4 +1,4 @@
-"""The multiprocessing.Pool tutorial (shared/seeds), rewritten with parfn.
+"""The multiprocessing.Pool tutorial (docs/tutorial.md), rewritten with parfn.
 
 Run:  python examples/tutorial.py
 

@@ -1,4 +1,4 @@
-"""API.md sections 1-3 and 6, on every backend and start method."""
+"""docs/contract.md sections 1-3 and 6, on every backend and start method."""
 
 from __future__ import annotations
 

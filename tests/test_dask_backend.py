@@ -1,4 +1,4 @@
-"""The dask backend (issue 6), through the public API.
+"""The dask backend, through the public API.
 
 One LocalCluster of 2 worker processes on loopback serves the module, as a
 user's own ``client=``; the cases that crash or stop workers start their own
@@ -122,7 +122,7 @@ def _calls(path: Path) -> int:
     return len(path.read_text()) if path.exists() else 0
 
 
-# -- everything of API.md sections 1-3 ----------------------------------------------------
+# -- everything of docs/contract.md sections 1-3 ---------------------------------------------------
 
 
 def test_apply_spawn_await_map_starmap(pool: parfn.Pool) -> None:

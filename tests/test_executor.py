@@ -1,4 +1,4 @@
-"""parfn.ProcessPoolExecutor (API.md section 7): the standard library's executor, on parfn.
+"""parfn.ProcessPoolExecutor (docs/contract.md section 7): the stdlib executor, on parfn.
 
 CPython's own executor tests run against it with
 ``scripts/cpython_executor_tests.py``; these are parfn's own: the usual

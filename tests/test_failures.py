@@ -1,4 +1,4 @@
-"""API.md sections 4 and 5, issue 3: every failure ends the one task it hit.
+"""docs/contract.md sections 4 and 5: every failure ends the one task it hit.
 
 Each case runs on a process pool for every start method, and afterwards the
 same pool must still run a new task.

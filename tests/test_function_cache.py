@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import parfn
-from parfn import _procdispatch
+from parfn.backends.process import _dispatch
 
 from . import funcs
 
@@ -62,7 +62,7 @@ def make_unloadable(n: int) -> Callable[[], int]:
 def worker_tables(seconds: float) -> tuple[int, int, int]:
     """(pid, functions loaded, functions that failed to load) of this worker."""
     time.sleep(seconds)  # long enough that the other worker takes the next probe
-    loop_type = sys.modules["parfn._worker"]._Worker
+    loop_type = sys.modules["parfn.backends.process._worker"]._Worker
     frame = sys._getframe()
     while not isinstance(frame.f_locals.get("self"), loop_type):
         frame = frame.f_back  # type: ignore[assignment]
@@ -80,26 +80,26 @@ def each_worker_tables(pool: parfn.Pool) -> list[tuple[int, int]]:
 
 def check_bounded(pool: parfn.Pool) -> None:
     backend: Any = pool._backend
-    assert len(backend._fn_by_data) <= _procdispatch.POOL_FUNCTIONS
-    assert len(backend._fn_cache) <= _procdispatch.POOL_FUNCTIONS
-    assert len(backend._item_time) <= 2 * _procdispatch.WORKER_FUNCTIONS * 2
+    assert len(backend._fn_by_data) <= _dispatch.POOL_FUNCTIONS
+    assert len(backend._fn_cache) <= _dispatch.POOL_FUNCTIONS
+    assert len(backend._item_time) <= 2 * _dispatch.WORKER_FUNCTIONS * 2
     for loaded, broken in each_worker_tables(pool):
-        assert loaded + broken <= _procdispatch.WORKER_FUNCTIONS
+        assert loaded + broken <= _dispatch.WORKER_FUNCTIONS
     # The parent's record of each worker's table (after the probes' Forget).
-    assert all(len(w.fns) <= _procdispatch.WORKER_FUNCTIONS for w in backend._workers)
+    assert all(len(w.fns) <= _dispatch.WORKER_FUNCTIONS for w in backend._workers)
 
 
 @pytest.fixture
 def small_worker_tables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Workers hold 8 functions: a Batch of many distinct ones overflows that."""
-    monkeypatch.setattr(_procdispatch, "WORKER_FUNCTIONS", 8)
+    monkeypatch.setattr(_dispatch, "WORKER_FUNCTIONS", 8)
     yield
 
 
 @pytest.fixture
 def small_tables(monkeypatch: pytest.MonkeyPatch, small_worker_tables: None) -> Iterator[None]:
     """The pool, too, remembers 8 functions."""
-    monkeypatch.setattr(_procdispatch, "POOL_FUNCTIONS", 8)
+    monkeypatch.setattr(_dispatch, "POOL_FUNCTIONS", 8)
     yield
 
 

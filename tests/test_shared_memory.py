@@ -1,4 +1,4 @@
-"""Big buffers through shared memory (issue 4): correct, writable, and never leaked.
+"""Big buffers through shared memory: correct, writable, and never leaked.
 
 Through the public API on every start method (``process_pool``), then the
 ``_shm`` module on its own. A segment is a file
@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 import parfn
-from parfn import _shm
-from parfn._errors import SerializationError
-from parfn._serialize import dumps, loads
+from parfn._wire import shm as _shm
+from parfn._wire.errors import SerializationError
+from parfn._wire.serialize import dumps, loads
 
 np = pytest.importorskip("numpy")
 
@@ -265,8 +265,8 @@ def test_no_segment_left_at_interpreter_exit(tmp_path: Path) -> None:
         import os, sys
         import numpy as np
         import parfn
-        from parfn import _shm
-        from parfn._serialize import dumps
+        from parfn._wire import shm as _shm
+        from parfn._wire.serialize import dumps
         sys.path.insert(0, os.getcwd())
         from tests.test_shared_memory import double
 

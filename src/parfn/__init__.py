@@ -14,17 +14,17 @@ parallel. ``with parfn.Pool(4): ...`` scopes a pool of four workers.
 
 from ._decorator import Parallel as Parallel
 from ._decorator import parallel as parallel
-from ._errors import ParfnError as ParfnError
-from ._errors import PoolClosed as PoolClosed
-from ._errors import RemoteError as RemoteError
-from ._errors import SerializationError as SerializationError
-from ._errors import TaskTimeout as TaskTimeout
-from ._errors import WorkerCrashed as WorkerCrashed
 from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
 from ._pool import Pool as Pool
 from ._runtime import in_worker as in_worker
 from ._runtime import shutdown as shutdown
 from ._task import Task as Task
+from ._wire.errors import ParfnError as ParfnError
+from ._wire.errors import PoolClosed as PoolClosed
+from ._wire.errors import RemoteError as RemoteError
+from ._wire.errors import SerializationError as SerializationError
+from ._wire.errors import TaskTimeout as TaskTimeout
+from ._wire.errors import WorkerCrashed as WorkerCrashed
 
 __all__ = (
     "Parallel",

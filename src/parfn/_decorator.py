@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterable
 from types import EllipsisType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
-from . import _runtime, _serialize
+from . import _runtime
 from ._mapping import MapIterator
 from ._task import Task
+from ._wire import serialize as _serialize
 from .backends._base import Options
 
 __all__ = ("Parallel", "parallel")

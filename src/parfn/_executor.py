@@ -27,9 +27,9 @@ from concurrent.futures import Executor, Future
 from itertools import islice
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from ._errors import PoolClosed, SerializationError
-from ._serialize import ExceptionEnvelope
 from ._task import Task
+from ._wire.errors import PoolClosed, SerializationError
+from ._wire.serialize import ExceptionEnvelope
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext

@@ -225,7 +225,7 @@ class MapRun:
 
 
 def _is_item_error(exc: BaseException) -> bool:
-    from ._errors import SerializationError
+    from ._wire.errors import SerializationError
 
     return isinstance(exc, (SerializationError, CancelledError))
 

@@ -2,7 +2,7 @@
 
 It checks arguments in the caller, wraps single calls as Tasks and maps as a
 MapRun, and hands Jobs to its backend (``backends``). A ``with`` block makes
-it the current pool of this context (``_runtime``).
+it the current pool of this context (``_scope``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
-from . import _runtime
-from ._errors import PoolClosed
+from . import _scope
 from ._mapping import MapIterator, MapRun
 from ._task import Task
+from ._wire.errors import PoolClosed
 from .backends import BACKENDS, load
 from .backends._base import Backend, Item, Job, Options
 
@@ -202,7 +202,7 @@ class Pool:
     # -- with --------------------------------------------------------------------------
 
     def __enter__(self) -> Pool:
-        self._tokens.append(_runtime.enter(self))
+        self._tokens.append(_scope.current.set(self))
         return self
 
     def __exit__(
@@ -211,7 +211,7 @@ class Pool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _runtime.leave(self._tokens.pop())
+        _scope.current.reset(self._tokens.pop())
         if not self._tokens:
             self.shutdown(wait=True, cancel_pending=exc_type is not None)
 

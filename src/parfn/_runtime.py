@@ -1,5 +1,7 @@
-"""The only module-level mutable state: the current pool of each context, the
-lazily started default pool, and the hook that shuts it down at exit.
+"""The default pool: started lazily on first use, shut down at exit.
+
+The one module-level mutable state of the front end, with ``_scope`` (the
+pool of each context's ``with`` block).
 
 Which pool a decorated function uses:
 
@@ -13,17 +15,17 @@ Which pool a decorated function uses:
 from __future__ import annotations
 
 import atexit
-import contextvars
 import sys
 import threading
 from typing import TYPE_CHECKING
 
+from . import _scope
+
 if TYPE_CHECKING:
     from ._pool import Pool
 
-__all__ = ("current_pool", "enter", "in_worker", "leave", "shutdown")
+__all__ = ("current_pool", "in_worker", "shutdown")
 
-_current: contextvars.ContextVar[Pool | None] = contextvars.ContextVar("parfn_pool", default=None)
 _lock = threading.Lock()
 _default: Pool | None = None
 _in_worker_pool: Pool | None = None
@@ -37,21 +39,13 @@ def in_worker() -> bool:
     >>> parfn.in_worker()
     False
     """
-    worker = sys.modules.get("parfn._worker")
+    worker = sys.modules.get("parfn.backends.process._worker")
     return bool(worker is not None and worker.IN_WORKER)
-
-
-def enter(pool: Pool) -> contextvars.Token[Pool | None]:
-    return _current.set(pool)
-
-
-def leave(token: contextvars.Token[Pool | None]) -> None:
-    _current.reset(token)
 
 
 def current_pool() -> Pool:
     """The pool a decorated function's call goes to, in this context."""
-    pool = _current.get()
+    pool = _scope.current.get()
     if pool is not None:
         return pool
     global _default, _in_worker_pool, _hooked
@@ -88,6 +82,6 @@ def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
 def _at_exit() -> None:
     """Shut down as a normal ``with`` exit does; Ctrl-C meanwhile ends the rest.
 
-    (Other open process pools are shut down by ``_procstart``'s exit hook.)
+    (Other open process pools are shut down by the process backend's exit hook.)
     """
     shutdown()

@@ -14,7 +14,7 @@ from ._base import Backend
 __all__ = ("BACKENDS", "load")
 
 BACKENDS = {
-    "process": ("parfn._procpool", "ProcessPool"),
+    "process": ("parfn.backends.process", "ProcessPool"),
     "thread": ("parfn.backends.thread", "ThreadBackend"),
     "serial": ("parfn.backends.serial", "SerialBackend"),
     "dask": ("parfn.backends.dask", "DaskBackend"),

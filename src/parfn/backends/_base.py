@@ -32,7 +32,7 @@ Item = Any
 
 
 class Options:
-    """Per-task options (API.md section 4). Immutable.
+    """Per-task options (docs/contract.md, section 4). Immutable.
 
     ``timeout``: seconds a single item may run, counted from its start.
     ``retries``: how many more times an item that raised, crashed or timed

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._execute import run_items
+from .._wire.execute import run_items
 from ._base import Job
 
 __all__ = ("SerialBackend",)

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
-from .._errors import TaskTimeout
-from .._execute import run_items
+from .._wire.errors import TaskTimeout
+from .._wire.execute import run_items
 from ._base import Job, available_cpus, fail_items
 
 __all__ = ("ThreadBackend",)

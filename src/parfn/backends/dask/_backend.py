@@ -19,7 +19,7 @@ from concurrent.futures import CancelledError
 from functools import partial
 from typing import Any
 
-from ..._errors import PoolClosed, SerializationError
+from ..._wire.errors import PoolClosed, SerializationError
 from .._base import Job
 from ._cluster import Connection, Markers, check_options
 from ._collector import Collector

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ..._serialize import dumps
+from ..._wire.serialize import dumps
 from .._base import available_cpus
 from ._remote import initializer_plugin
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
-from ..._errors import TaskTimeout, WorkerCrashed
-from ..._serialize import loads
+from ..._wire.errors import TaskTimeout, WorkerCrashed
+from ..._wire.serialize import loads
 from .._base import Job
 
 __all__ = ("copies", "crashed", "lost", "read", "task_error", "timed_out")

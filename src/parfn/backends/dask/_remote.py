@@ -14,9 +14,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..._errors import RemoteError, SerializationError
-from ..._execute import run_items
-from ..._serialize import (
+from ..._wire.errors import RemoteError, SerializationError
+from ..._wire.execute import run_items
+from ..._wire.serialize import (
     ExceptionEnvelope,
     dumps,
     format_user_traceback,

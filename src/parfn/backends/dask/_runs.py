@@ -14,8 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..._errors import SerializationError
-from ..._serialize import describe_item_error, dump_function, dumps
+from ..._wire.errors import SerializationError
+from ..._wire.serialize import describe_item_error, dump_function, dumps
 from .._base import Job
 
 __all__ = ("FunctionPickles", "Run", "dump_items", "key_prefix")

@@ -18,9 +18,9 @@ import time
 import weakref
 from typing import Any, Protocol
 
+from ..._wire.shm import release_leftovers
 from ._channel import Channel
-from ._procstate import PoolState, Worker, parent_fds, start_lock
-from ._shm import release_leftovers
+from ._state import PoolState, Worker, parent_fds, start_lock
 from ._worker import worker_main
 
 __all__ = (
@@ -91,7 +91,7 @@ def preload_forkserver() -> None:
 
     if not forkserver._forkserver._forkserver_pid:  # type: ignore[attr-defined]
         multiprocessing.get_context("forkserver").set_forkserver_preload(
-            ["__main__", "parfn._worker"]
+            ["__main__", "parfn.backends.process._worker"]
         )
 
 

@@ -1,6 +1,6 @@
 """Shared memory: how a big array crosses between the caller and a worker.
 
-``dumps(obj, shm=...)`` (in ``_serialize``) pickles with protocol 5 and a
+``dumps(obj, shm=...)`` (in ``serialize``) pickles with protocol 5 and a
 ``buffer_callback``: each buffer of at least :data:`THRESHOLD` bytes (a numpy
 array's data, any ``PickleBuffer``) is left out of the pickle stream and
 written into a *segment* of its own, a file in ``/dev/shm`` named
@@ -12,7 +12,7 @@ freed with that array, whatever becomes of the others.
 
 That message is itself a pickle, made by hand::
 
-    PROTO 5, GLOBAL parfn._shm._load, owned names, spec, stream, TUPLE3, REDUCE, STOP
+    PROTO 5, GLOBAL parfn._wire.shm._load, owned names, spec, stream, TUPLE3, REDUCE, STOP
 
 so ``pickle.loads`` of it calls :func:`_load`, which maps the segments and
 unpickles the objects over the mappings, without a copy: ``loads`` needs no
@@ -87,7 +87,7 @@ THRESHOLD = 1 << 20
 NAME_PREFIX = "parfn-"
 _ALIGN = 64
 
-_MODULE = b"parfn._shm"
+_MODULE = b"parfn._wire.shm"
 _HEAD = b"\x80\x05\x8c" + bytes([len(_MODULE)]) + _MODULE + b"\x8c\x05_load\x93"
 """PROTO 5, SHORT_BINUNICODE module, SHORT_BINUNICODE name, STACK_GLOBAL.
 
@@ -470,7 +470,7 @@ def _at_exit(pid: int) -> None:
         return  # a forked child that inherited the hook: not its segments
     try:
         # Pools still open drain first (their queued jobs need their segments).
-        procstart: Any = sys.modules.get("parfn._procstart")
+        procstart: Any = sys.modules.get("parfn.backends.process._start")
         if procstart is not None:
             procstart.shutdown_all_pools()
     finally:

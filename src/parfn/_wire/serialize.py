@@ -9,7 +9,7 @@
   closures and functions of ``__main__`` or a notebook travel by value with
   cloudpickle.
 * Big buffers (numpy arrays' data, big bytes): with ``dumps(..., shm=...)``,
-  through shared memory rather than the pipe; see ``_shm``.
+  through shared memory rather than the pipe; see ``shm``.
 * Exceptions: wrapped in an :class:`ExceptionEnvelope` that carries the
   worker's traceback text and falls back to :class:`RemoteError` when the
   exception itself cannot make the trip.
@@ -26,9 +26,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from . import _shm
-from ._errors import RemoteError, RemoteTraceback, SerializationError
-from ._shm import Readers
+from . import shm as _shm
+from .errors import RemoteError, RemoteTraceback, SerializationError
+from .shm import Readers
 
 __all__ = (
     "ExceptionEnvelope",
@@ -58,7 +58,7 @@ def dumps(
 ) -> bytes:
     """Pickle ``obj``; ``what`` names it in the error ("argument 1", "the result").
 
-    ``shm``: let big buffers travel through shared memory (see ``_shm``):
+    ``shm``: let big buffers travel through shared memory (see ``shm``):
     ``"one"`` receiver will load the bytes and own the memory, or ``"many"``
     may load them, each getting private copy-on-write pages. The bytes may
     then name segments, which whoever ends up owning the bytes unlinks with
@@ -134,7 +134,7 @@ def loads(data: bytes | memoryview, what: str = "the value") -> Any:
     """Unpickle ``data``; a failure becomes :class:`SerializationError`.
 
     Data that names shared-memory segments needs no special case: unpickling
-    it maps them (see ``_shm``).
+    it maps them (see ``shm``).
     """
     try:
         return pickle.loads(data)

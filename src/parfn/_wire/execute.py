@@ -1,8 +1,8 @@
 """Running a run of items: the one loop every backend's executor shares.
 
 Kept free of I/O (it imports only the status-slot positions of
-``_protocol`` and the Job types), so that a worker process, a thread and a
-Dask worker all run items the same way.
+``protocol``), so that a worker process, a thread and a Dask worker all run
+items the same way.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 from itertools import starmap
 from typing import Any
 
-from ._protocol import ANY_ITEM, SLOT_INDEX, SLOT_START
-from .backends._base import Item
+from .protocol import ANY_ITEM, SLOT_INDEX, SLOT_START
 
 __all__ = ("run_items",)
+
+Item = Any
+"""One call's positional arguments (see ``parfn.backends._base.Job``)."""
 
 
 def run_items(

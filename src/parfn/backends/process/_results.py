@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._errors import SerializationError
-from ._procstate import JobState, PoolState, Work, Worker, load_result
-from ._protocol import Results
-from ._serialize import dumps
-from ._shm import release
+from ..._wire.errors import SerializationError
+from ..._wire.protocol import Results
+from ..._wire.serialize import dumps
+from ..._wire.shm import release
+from ._state import JobState, PoolState, Work, Worker, load_result
 
 __all__ = ("deliver", "deliver_one", "isolate", "on_results")
 

@@ -1,51 +1,10 @@
-"""The process pool: worker processes it owns, and one manager thread.
+"""ProcessPool: the process backend's public calls, ``_talk`` and the manager loop.
 
-How a call travels (each step names the module that does it)::
-
-    caller thread                       manager thread                    worker (_worker)
-    -------------                       --------------                    ----------------
-    submit(job): pickle the arguments
-      (_procdispatch.prepare)
-      an idle worker, nothing queued:
-        write Batch to its pipe ------------------------------------->  run the items,
-      otherwise: append to _queue,                                      writing its status
-        write a byte to the wakeup pipe ->  select() wakes on:           slot as each starts
-                                             the wakeup pipe: dispatch
-                                               Batch frames ------------>
-                                               (_procdispatch)
-                                             a worker's pipe: Results <-- Results(Done, ...)
-                                               -> job.sink.deliver()
-                                                  -> Task / map engine
-                                               (_procresults)
-                                             a worker's sentinel: it died
-                                               -> read its status slot:
-                                                  fail that one item,
-                                                  requeue the rest
-                                                  (_procdeaths),
-                                                  start a replacement
-                                                  (_procstart)
-                                             a deadline (timeout) passed:
-                                               kill that worker, as above
-                                               (_proctimeouts)
-
-    apply(): submit_and_wait(job) borrows an idle worker: the caller's thread
-    writes the Batch and reads the Results itself (_talk); the manager only
-    watches that worker's sentinel until the caller gives it back.
-
-One duplex pipe per worker (no shared queue a dying worker could leave
-locked), non-blocking on the parent's side, so the manager never blocks on a
-worker. The manager blocks in ``select`` on the pipes, the sentinels and a
-wakeup pipe, with the nearest timeout deadline as its only timer: it never
-sleep-polls.
-
-The pool's modules, each a concern; arrows point one way::
-
-    _procpool       ProcessPool: the public calls, _talk, the manager loop
-      -> _procdispatch    pickle jobs, send Batches          --+
-      -> _procresults     Results -> sinks                     |
-      -> _proctimeouts    per-item deadlines                   +-> _procstate: records,
-      -> _procdeaths      dead workers' runs -> _procstart     |   PoolState (which
-      -> _procstart       worker processes -> _worker        --+   ProcessPool extends)
+The package docstring (``parfn.backends.process``) draws how a call travels.
+Here: ``submit`` and ``submit_and_wait`` (the caller's side), ``cancel`` and
+``shutdown``, and the manager thread, which blocks in ``select`` on the
+workers' pipes, their sentinels and a wakeup pipe, with the nearest timeout
+deadline as its only timer: it never sleep-polls.
 
 ``_lock`` guards the queue, the workers' in-flight runs and the channels'
 output buffers (see ``PoolState``). Sinks are called without holding it.
@@ -62,9 +21,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._errors import PoolClosed, SerializationError
-from ._procdeaths import account_for_exit, fail_everything, fail_pending, on_init_failed
-from ._procdispatch import (
+from ..._wire.errors import PoolClosed, SerializationError
+from ..._wire.protocol import Cancel, InitFailed, Results, decode, encode
+from ..._wire.serialize import dump_function
+from ..._wire.shm import release_leftovers, sweep_stale
+from .._base import Job, available_cpus
+from ._deaths import account_for_exit, fail_everything, fail_pending, on_init_failed
+from ._dispatch import (
     cancel_everything,
     dispatch,
     idle_worker,
@@ -73,8 +36,8 @@ from ._procdispatch import (
     send_direct,
     start_work,
 )
-from ._procresults import deliver_one, on_results
-from ._procstart import (
+from ._results import deliver_one, on_results
+from ._start import (
     JOIN_TIMEOUT,
     can_fork_now,
     check_initargs,
@@ -86,12 +49,8 @@ from ._procstart import (
     replace_workers,
     start_worker,
 )
-from ._procstate import PoolState, Work, Worker
-from ._proctimeouts import check_deadlines
-from ._protocol import Cancel, InitFailed, Results, decode, encode
-from ._serialize import dump_function
-from ._shm import release_leftovers, sweep_stale
-from .backends._base import Job, available_cpus
+from ._state import PoolState, Work, Worker
+from ._timeouts import check_deadlines
 
 __all__ = ("ProcessPool",)
 

@@ -2,7 +2,7 @@
 state the pool's parts share.
 
 Plain records (no locking of their own: ``PoolState._lock`` guards them), the
-pool-wide state every ``_proc*`` module works on, and the small helpers that
+pool-wide state every module of the engine works on, and the small helpers that
 describe them. The lowest of the pool's modules: it imports none of the others.
 """
 
@@ -18,12 +18,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from ..._wire.errors import SerializationError
+from ..._wire.protocol import SLOT_INDEX, SLOT_JOB, SLOT_START
+from ..._wire.serialize import loads
+from ..._wire.shm import has_segments, release
+from .._base import Job
 from ._channel import Channel
-from ._errors import SerializationError
-from ._protocol import SLOT_INDEX, SLOT_JOB, SLOT_START
-from ._serialize import loads
-from ._shm import has_segments, release
-from .backends._base import Job
 
 __all__ = (
     "JobState",
@@ -122,7 +122,7 @@ class Worker:
         self.status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
         self.runs: OrderedDict[int, Work] = OrderedDict()  # in flight, in send order
         self.batches = 0  # Batch frames sent and not yet answered
-        # The function ids it holds, least recently used first (see _procdispatch.send).
+        # The function ids it holds, least recently used first (see _dispatch.send).
         self.fns: OrderedDict[int, None] = OrderedDict()
         self.items_run = 0
         self.retiring = False  # max_tasks_per_worker reached: no new work
@@ -143,8 +143,8 @@ class Worker:
 class PoolState:
     """The state a process pool's parts share; ``ProcessPool`` extends it.
 
-    The pool's other modules (``_procstart``, ``_procdispatch``,
-    ``_procresults``, ``_procdeaths``, ``_proctimeouts``) are free functions
+    The pool's other modules (``_start``, ``_dispatch``,
+    ``_results``, ``_deaths``, ``_timeouts``) are free functions
     over this state, so that the hot paths read plain attributes of one object.
 
     ``_lock`` guards the queue, the workers (their in-flight runs and their

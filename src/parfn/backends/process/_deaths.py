@@ -15,11 +15,11 @@ import contextlib
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 
-from ._errors import TaskTimeout, WorkerCrashed
-from ._procstart import retire
-from ._procstate import PoolState, Work, Worker, describe_exit, fn_name
-from ._protocol import ANY_ITEM
-from .backends._base import Job
+from ..._wire.errors import TaskTimeout, WorkerCrashed
+from ..._wire.protocol import ANY_ITEM
+from .._base import Job
+from ._start import retire
+from ._state import PoolState, Work, Worker, describe_exit, fn_name
 
 __all__ = (
     "account_for_exit",

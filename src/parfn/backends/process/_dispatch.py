@@ -22,11 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
-from ._errors import PoolClosed, SerializationError
-from ._procstate import JobState, PickledFunction, PoolState, Work, Worker
-from ._protocol import Batch, Define, Forget, Run, encode
-from ._serialize import describe_item_error, dump_function, dumps
-from .backends._base import Job
+from ..._wire.errors import PoolClosed, SerializationError
+from ..._wire.protocol import Batch, Define, Forget, Run, encode
+from ..._wire.serialize import describe_item_error, dump_function, dumps
+from .._base import Job
+from ._state import JobState, PickledFunction, PoolState, Work, Worker
 
 __all__ = (
     "FAST_ITEM",

@@ -13,7 +13,7 @@ Worker -> parent::
     InitFailed(error)          the initializer raised; the worker then exits
 
 The parent keeps track of the functions each worker holds, and has it forget
-the least recently used ones beyond a bound (``_procdispatch``): a function
+the least recently used ones beyond a bound (``parfn.backends.process._dispatch``): a function
 forgotten and used again is sent again.
 
 A worker exits when its pipe reaches end-of-file. Besides the pipe, each worker
@@ -28,7 +28,7 @@ from __future__ import annotations
 import pickle
 from typing import Any, NamedTuple
 
-from ._serialize import ExceptionEnvelope
+from .serialize import ExceptionEnvelope
 
 __all__ = (
     "ANY_ITEM",

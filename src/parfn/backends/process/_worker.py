@@ -29,10 +29,9 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ._channel import Reader, write_frame
-from ._errors import SerializationError
-from ._execute import run_items
-from ._protocol import (
+from ..._wire.errors import SerializationError
+from ..._wire.execute import run_items
+from ..._wire.protocol import (
     SLOT_INDEX,
     SLOT_JOB,
     SLOT_START,
@@ -47,7 +46,8 @@ from ._protocol import (
     decode,
     encode,
 )
-from ._serialize import ExceptionEnvelope, dumps, load_function, loads
+from ..._wire.serialize import ExceptionEnvelope, dumps, load_function, loads
+from ._channel import Reader, write_frame
 
 __all__ = ("IN_WORKER", "worker_main")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ._procstate import PoolState, Worker
+from ._state import PoolState, Worker
 
 __all__ = ("check_deadlines",)
 

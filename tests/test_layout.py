@@ -1,0 +1,119 @@
+"""The tree shows the architecture: imports point one way, and the wire stays at the bottom.
+
+Read from the source (every import statement, those inside functions
+included, but not those under ``if TYPE_CHECKING:``), so a circle or an arrow
+pointing up fails here, whether or not it would fail at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import parfn
+
+ROOT = Path(parfn.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = ["parfn", *path.relative_to(ROOT).with_suffix("").parts]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(name: str) -> set[str]:
+    """The parfn modules that module ``name`` imports."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("parfn"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            if target.startswith("parfn"):
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    found.add(sub if sub in MODULES else target)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    found.discard(name)
+    return {m for m in found if m in MODULES}
+
+
+GRAPH = {name: _imports(name) for name in MODULES}
+
+
+def _closure(name: str) -> set[str]:
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        for dep in GRAPH[stack.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                stack.append(dep)
+    return seen
+
+
+def test_no_import_circle() -> None:
+    circles = sorted(name for name in GRAPH if name in _closure(name))
+    assert not circles, f"modules in an import circle: {circles}"
+
+
+def test_the_wire_imports_nothing_above_it() -> None:
+    for name in MODULES:
+        if name.startswith("parfn._wire"):
+            above = {m for m in GRAPH[name] if not m.startswith("parfn._wire")}
+            assert not above, f"{name} imports {above}"
+
+
+def test_a_worker_imports_only_its_loop_and_the_wire() -> None:
+    allowed = {
+        "parfn",  # the package itself (its __init__ loads nothing eagerly)
+        "parfn.backends",
+        "parfn.backends._base",
+        "parfn.backends.process",
+        "parfn.backends.process._channel",
+    }
+    extra = {
+        m
+        for m in _closure("parfn.backends.process._worker")
+        if m not in allowed and not m.startswith("parfn._wire")
+    }
+    assert not extra, f"the worker loop pulls in {extra}"
+
+
+def test_the_front_end_does_not_reach_into_an_engine() -> None:
+    front = [n for n in MODULES if n.count(".") == 1 and not n.startswith("parfn._wire")]
+    for name in front:
+        engines = {m for m in GRAPH[name] if m.startswith(("parfn.backends.", "parfn.backends"))}
+        reach = {m for m in engines if m not in ("parfn.backends", "parfn.backends._base")}
+        assert not reach, f"{name} imports engine modules {reach}"
+
+
+def test_every_module_says_its_concern() -> None:
+    missing = [n for n, p in MODULES.items() if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, f"modules without a docstring: {missing}"
