@@ -27,13 +27,14 @@ MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+    return (isinstance(test, ast.Name) and test.id.endswith("TYPE_CHECKING")) or (
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
     )
 
 
-def _imports(name: str) -> set[str]:
-    """The parfn modules that module ``name`` imports."""
+def _imports(name: str, lazy: bool = True) -> set[str]:
+    """The parfn modules that module ``name`` imports; without ``lazy``, only those
+    imported as it loads (not those inside a function, imported when it is called)."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
@@ -42,6 +43,8 @@ def _imports(name: str) -> set[str]:
         if isinstance(node, ast.If) and _is_type_checking(node):
             for child in node.orelse:
                 visit(child)
+            return
+        if not lazy and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("parfn"))
@@ -65,16 +68,27 @@ def _imports(name: str) -> set[str]:
 
 
 GRAPH = {name: _imports(name) for name in MODULES}
+EAGER = {name: _imports(name, lazy=False) for name in MODULES}
 
 
-def _closure(name: str) -> set[str]:
+def _ancestors(name: str) -> list[str]:
+    """The packages Python imports (runs the ``__init__`` of) before module ``name``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _closure(name: str, loading: bool = False) -> set[str]:
+    """The parfn modules ``name`` imports, directly or not; with ``loading``, those
+    that loading it runs: its packages' ``__init__`` included, lazy imports not."""
+    graph = EAGER if loading else GRAPH
     seen: set[str] = set()
-    stack = [name]
+    stack = [name, *(_ancestors(name) if loading else ())]
     while stack:
-        for dep in GRAPH[stack.pop()]:
-            if dep not in seen:
-                seen.add(dep)
-                stack.append(dep)
+        for dep in graph[stack.pop()]:
+            for module in (dep, *(_ancestors(dep) if loading else ())):
+                if module not in seen:
+                    seen.add(module)
+                    stack.append(module)
     return seen
 
 
@@ -92,7 +106,10 @@ def test_the_wire_imports_nothing_above_it() -> None:
 
 def test_a_worker_imports_only_its_loop_and_the_wire() -> None:
     allowed = {
-        "parfn",  # the package itself (its __init__ loads nothing eagerly)
+        "parfn",  # the package and what its __init__ loads eagerly: the decorator
+        "parfn._decorator",
+        "parfn._runtime",
+        "parfn._scope",
         "parfn.backends",
         "parfn.backends._base",
         "parfn.backends.process",
@@ -100,7 +117,7 @@ def test_a_worker_imports_only_its_loop_and_the_wire() -> None:
     }
     extra = {
         m
-        for m in _closure("parfn.backends.process._worker")
+        for m in _closure("parfn.backends.process._worker", loading=True)
         if m not in allowed and not m.startswith("parfn._wire")
     }
     assert not extra, f"the worker loop pulls in {extra}"

@@ -13,6 +13,9 @@ import parfn
 
 
 def test_all_lists_exactly_the_public_names() -> None:
+    for name in parfn.__all__:
+        getattr(parfn, name)  # a lazily loaded name lands in the module's namespace
+    assert set(dir(parfn)) >= set(parfn.__all__)
     public = {
         name
         for name, value in vars(parfn).items()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from types import EllipsisType
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from . import _runtime
-from ._mapping import MapIterator
-from ._task import Task
-from ._wire import serialize as _serialize
 from .backends._base import Options
+
+if TYPE_CHECKING:
+    from ._mapping import MapIterator
+    from ._task import Task
 
 __all__ = ("Parallel", "parallel")
 
@@ -59,11 +60,13 @@ class Parallel(Generic[P, R]):
     def __reduce__(self) -> tuple[Any, ...]:
         # A module-level one by reference (its module holds it, not the plain
         # function); others, lambdas and ``__main__`` included, by value.
+        from ._wire.serialize import resolve  # here: decorating must not load the wire
+
         module, qualname = self.__module__, self.__qualname__
         if module != "__main__":
             try:
-                if _serialize.resolve(module, qualname) is self:
-                    return (_serialize.resolve, (module, qualname))
+                if resolve(module, qualname) is self:
+                    return (resolve, (module, qualname))
             except Exception:
                 pass
         return (Parallel, (self.__wrapped__, self._parfn_options))
