@@ -1,24 +1,44 @@
-"""The documentation's examples run: README.md's Python blocks and every docstring's.
+"""The documentation's examples run: the pages' code blocks and every docstring's.
 
-* Each fenced ``python`` block of README.md runs in a fresh interpreter, as
-  code pasted into ``python -c`` would (a REPL or a notebook behaves the same:
-  functions defined there travel by value), and must exit 0 with nothing on
-  stderr. A block made of ``>>>`` lines runs as a doctest instead, its output
-  compared. A block that cannot run here (a fragment, a cluster address) is
-  marked in README.md by an HTML comment on the line just above its fence::
+The pages are README.md and every Markdown file under docs/ (the site), except
+those in ``NOT_RUN``. A fenced block of a page runs the way a reader who copies
+it would run it:
 
-      <!-- docs-test: skip (a fragment: needs a Dask scheduler) -->
+* a ``python`` block is saved as a file and run as ``python -W error
+  example.py`` in a fresh directory, so its functions live in ``__main__``, as
+  in the reader's own script (under the ``spawn`` and ``forkserver`` start
+  methods the workers import that file). It must exit 0 with nothing on
+  stderr. When a ``text`` block follows it with only blank lines between, that
+  is its output: stdout must match it (``...`` stands for any text, as in a
+  doctest, and runs of whitespace compare equal);
+* a ``pycon`` block (``>>>`` lines) is a REPL session: it runs as a doctest in
+  a fresh interpreter, where functions defined at the prompt live in a
+  ``__main__`` that has no file, as in a REPL or a notebook; each output is
+  compared.
 
-  or listed in ``README_SKIPS`` below, keyed by a piece of its text.
-* Every docstring example in the ``parfn`` modules runs as a doctest.
-* Every public name has at least one docstring example that runs.
+HTML comments on the lines just above a block's fence say how to run it::
+
+    <!-- docs-test: skip (a fragment: needs a Dask scheduler) -->
+    <!-- docs-test: requires numpy distributed -->   (skipped where not installed)
+    <!-- docs-test: writes to stderr (a progress bar) -->
+
+and between a ``python`` block and a ``text`` block,
+``<!-- docs-test: output not compared (why) -->`` says that the text shows one
+run's output that varies (times, pids). An unknown ``docs-test:`` comment fails.
+
+Besides: every docstring example in the ``parfn`` modules runs as a doctest;
+every public name has at least one docstring example that runs; the API
+reference (docs/reference.md) renders every name of ``parfn.__all__``; the
+README's links lead to files that exist.
 """
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import io
+import os
 import pkgutil
 import re
 import subprocess
@@ -30,11 +50,15 @@ import pytest
 
 import parfn
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
-# README blocks skipped here, each with why: {a piece of the block's text: reason}.
-# (Prefer the HTML comment in README.md; an entry here that matches no block fails.)
-README_SKIPS: dict[str, str] = {}
+NOT_RUN: dict[str, str] = {
+    "docs/contract.md": "the specification, kept word for word: its blocks are fragments "
+    "that name functions defined in other blocks",
+}
+"""Pages whose blocks are not run, each with why."""
 
 # Public names whose docstring has no runnable example yet. Keep it empty: a
 # name listed here that gains an example, or one missing here that has none,
@@ -42,99 +66,278 @@ README_SKIPS: dict[str, str] = {}
 LACKING_EXAMPLE: frozenset[str] = frozenset()
 
 _FENCE = re.compile(r"^(\s*)```\s*(\w*)")
-_SKIP_COMMENT = re.compile(r"<!--\s*docs-test:\s*skip\s*(.*?)\s*-->")
+_DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(.*?)\s*-->")
 _FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+_TIMEOUT = 120  # seconds one block may take (the tutorial's take about 5 s)
 
 
-# -- README.md ------------------------------------------------------------------------
+# -- the pages ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Block:
     line: int  # of the opening fence, 1-based
     code: str
-    skip: str | None  # the reason, from an HTML comment above the fence
+    language: str = "python"  # "python" or "pycon"
+    skip: str | None = None  # the reason, from a comment above the fence
+    requires: tuple[str, ...] = ()  # modules it needs: skipped where one is missing
+    stderr_ok: bool = False
+    expected: str | None = None  # the output block that follows it, to compare
 
 
-def readme_blocks(text: str) -> list[Block]:
-    """The fenced ``python``/``pycon`` blocks of a Markdown text."""
-    blocks: list[Block] = []
+@dataclass
+class _Fence:
+    line: int
+    language: str
+    body: list[str]
+    above: list[str]  # the directives on the lines just above the fence
+    between: list[str]  # the lines between the previous fence's end and this one
+
+
+def _fences(text: str) -> list[_Fence]:
+    fences: list[_Fence] = []
     lines = text.splitlines()
     i = 0
+    last_end = 0
     while i < len(lines):
         match = _FENCE.match(lines[i])
         if match is None:
             i += 1
             continue
         start, language = i, match.group(2).lower()
+        above: list[str] = []
+        for s in reversed(lines[last_end:start]):
+            if not s.strip():
+                continue
+            directive = _DIRECTIVE.search(s)
+            if directive is None:
+                break
+            above.insert(0, directive.group(1))
         i += 1
         body: list[str] = []
         while i < len(lines) and not lines[i].lstrip().startswith("```"):
             body.append(lines[i])
             i += 1
+        fences.append(_Fence(start + 1, language, body, above, lines[last_end:start]))
         i += 1  # the closing fence
-        if language not in ("python", "py", "pycon"):
+        last_end = i
+    return fences
+
+
+def page_blocks(text: str) -> list[Block]:
+    """The ``python`` and ``pycon`` blocks of a Markdown text, with how to run each."""
+    fences = _fences(text)
+    blocks: list[Block] = []
+    for n, fence in enumerate(fences):
+        language = {"python": "python", "py": "python", "pycon": "pycon"}.get(fence.language)
+        if language is None:
             continue
-        above = next((s for s in reversed(lines[:start]) if s.strip()), "")
-        comment = _SKIP_COMMENT.search(above)
-        skip = (comment.group(1).strip(" ():") or "marked in README.md") if comment else None
-        blocks.append(Block(start + 1, "\n".join(body) + "\n", skip))
+        skip: str | None = None
+        requires: tuple[str, ...] = ()
+        stderr_ok = False
+        for directive in fence.above:
+            word, _, rest = directive.partition(" ")
+            if word == "skip":
+                skip = rest.strip(" ():") or "marked in the page"
+            elif word == "requires" and rest.split():
+                requires += tuple(rest.split())
+            elif directive.startswith("writes to stderr"):
+                stderr_ok = True
+            elif not directive.startswith("output not compared"):
+                raise ValueError(f"line {fence.line}: unknown docs-test comment {directive!r}")
+        code = "\n".join(fence.body) + "\n"
+        if language == "python" and code.lstrip().startswith(">>>"):
+            language = "pycon"
+        expected = None
+        after = fences[n + 1] if n + 1 < len(fences) else None
+        if (
+            language == "python"
+            and after is not None
+            and after.language == "text"
+            and not any(s.strip() for s in after.between)
+        ):
+            expected = "\n".join(after.body) + "\n"
+        blocks.append(Block(fence.line, code, language, skip, requires, stderr_ok, expected))
     return blocks
 
 
-def _readme_params() -> list[object]:
+def pages() -> list[Path]:
+    """README.md and the site's pages."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def _name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def _page_params() -> list[object]:
     params: list[object] = []
-    for block in readme_blocks(README.read_text(encoding="utf-8")):
-        reason = block.skip or next((r for k, r in README_SKIPS.items() if k in block.code), None)
-        marks = [pytest.mark.skip(reason=f"README.md:{block.line}: {reason}")] if reason else []
-        params.append(pytest.param(block, id=f"README.md:{block.line}", marks=marks))
+    for page in pages():
+        name = _name(page)
+        if name in NOT_RUN:
+            continue
+        for block in page_blocks(page.read_text(encoding="utf-8")):
+            where = f"{name}:{block.line}"
+            marks = [pytest.mark.skip(reason=f"{where}: {block.skip}")] if block.skip else []
+            params.append(pytest.param(block, id=where, marks=marks))
     return params
 
 
-def test_readme_has_runnable_blocks() -> None:
-    blocks = readme_blocks(README.read_text(encoding="utf-8"))
-    runnable = [b for b in blocks if b.skip is None and not any(k in b.code for k in README_SKIPS)]
-    assert runnable, "no runnable python block found in README.md"
-    for key in README_SKIPS:
-        assert any(key in b.code for b in blocks), f"README_SKIPS entry matches no block: {key!r}"
-
-
-def test_fence_parser_reads_blocks_and_skip_comments() -> None:
+def test_fence_parser_reads_blocks_directives_and_outputs() -> None:
     text = (
         "# t\n```bash\nls\n```\n"
         "```python\nx = 1\n```\n"
         "<!-- docs-test: skip (needs a cluster) -->\n\n```python\ny = 2\n```\n"
         "```pycon\n>>> 1 + 1\n2\n```\n"
+        "<!-- docs-test: requires numpy tqdm -->\n"
+        "<!-- docs-test: writes to stderr (a bar) -->\n"
+        "```python\nprint(3)\n```\n\n```text\n3\n```\n"
+        "```python\nprint(4)\n```\n"
+        "<!-- docs-test: output not compared (it varies) -->\n"
+        "```text\n4\n```\n"
+        "```python\nprint(5)\n```\nprose\n```text\n5\n```\n"
     )
-    blocks = readme_blocks(text)
-    assert [(b.line, b.code, b.skip) for b in blocks] == [
-        (5, "x = 1\n", None),
-        (10, "y = 2\n", "needs a cluster"),
-        (13, ">>> 1 + 1\n2\n", None),
+    blocks = page_blocks(text)
+    assert [(b.line, b.code, b.language, b.skip) for b in blocks] == [
+        (5, "x = 1\n", "python", None),
+        (10, "y = 2\n", "python", "needs a cluster"),
+        (13, ">>> 1 + 1\n2\n", "pycon", None),
+        (19, "print(3)\n", "python", None),
+        (26, "print(4)\n", "python", None),
+        (33, "print(5)\n", "python", None),
     ]
+    assert blocks[3].requires == ("numpy", "tqdm")
+    assert blocks[3].stderr_ok and not blocks[4].stderr_ok
+    assert [b.expected for b in blocks[3:]] == ["3\n", None, None]
+    with pytest.raises(ValueError, match="unknown docs-test comment"):
+        page_blocks("<!-- docs-test: skp -->\n```python\nx = 1\n```\n")
 
 
-@pytest.mark.parametrize("block", _readme_params())
-def test_readme_example(block: Block) -> None:
-    if block.code.lstrip().startswith(">>>"):
-        _run_doctest_text(block.code, f"README.md:{block.line}")
+def test_readme_has_runnable_blocks() -> None:
+    blocks = page_blocks(README.read_text(encoding="utf-8"))
+    assert [b for b in blocks if b.skip is None], "no runnable python block found in README.md"
+
+
+def test_not_run_names_existing_pages() -> None:
+    names = {_name(p) for p in pages()}
+    assert set(NOT_RUN) <= names, f"NOT_RUN names pages that do not exist: {set(NOT_RUN) - names}"
+
+
+@pytest.mark.timeout(_TIMEOUT + 30)
+@pytest.mark.parametrize("block", _page_params())
+def test_page_example(block: Block, tmp_path: Path) -> None:
+    for module in block.requires:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs {module}, not installed here")
+    if block.language == "pycon":
+        out = _run_child(["-c", _PYCON_RUNNER], tmp_path, stdin=block.code)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stderr == "", f"wrote to stderr:\n{out.stderr}"
         return
-    out = subprocess.run(
-        [sys.executable, "-W", "error", "-c", block.code],
+    (tmp_path / "example.py").write_text(block.code, encoding="utf-8")
+    out = _run_child(["example.py"], tmp_path)
+    assert out.returncode == 0, f"failed:\n{out.stderr}"
+    if not block.stderr_ok:
+        assert out.stderr == "", f"wrote to stderr:\n{out.stderr}"
+    if block.expected is not None:
+        checker = doctest.OutputChecker()
+        if not checker.check_output(block.expected, out.stdout, _FLAGS):
+            example = doctest.Example("example.py", block.expected)
+            pytest.fail(checker.output_difference(example, out.stdout, _FLAGS))
+
+
+def _run_child(
+    args: list[str], cwd: Path, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # parfn as installed
+    return subprocess.run(
+        [sys.executable, "-W", "error", *args],
+        input=stdin,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=_TIMEOUT,
+        cwd=cwd,
+        env=env,
         check=False,
     )
-    where = f"README.md:{block.line}"
-    assert out.returncode == 0, f"{where} failed:\n{out.stderr}"
-    assert out.stderr == "", f"{where} wrote to stderr:\n{out.stderr}"
 
 
-def _run_doctest_text(text: str, name: str) -> None:
-    parser = doctest.DocTestParser()
-    test = parser.get_doctest(text, {"__name__": "__main__"}, name, name, 0)
-    _run(test)
+_PYCON_RUNNER = """
+import doctest, sys
+text = sys.stdin.read()
+test = doctest.DocTestParser().get_doctest(text, {"__name__": "__main__"}, "pycon", "pycon", 0)
+runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+runner.run(test, out=sys.stdout.write)
+sys.exit(1 if runner.failures else 0)
+"""
+
+
+def test_readme_links_lead_to_files() -> None:
+    text = README.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [t for t in targets if "://" not in t]
+    assert local, "README.md links to no page"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+# -- the API reference ----------------------------------------------------------------
+
+
+def test_reference_renders_every_public_name() -> None:
+    """docs/reference.md has a ``::: parfn.NAME`` line for each name of ``__all__``.
+
+    (``mkdocs build --strict``, in .ci/run, fails on a line whose name cannot be
+    found.)
+    """
+    text = (DOCS / "reference.md").read_text(encoding="utf-8")
+    rendered = re.findall(r"^:::\s+parfn\.(\w+)\s*$", text, re.MULTILINE)
+    missing = sorted(set(parfn.__all__) - set(rendered))
+    assert not missing, f"add to docs/reference.md: {[f'::: parfn.{n}' for n in missing]}"
+    unknown = sorted(set(rendered) - set(parfn.__all__))
+    assert not unknown, f"docs/reference.md renders names not in parfn.__all__: {unknown}"
+    assert len(rendered) == len(set(rendered)), "docs/reference.md renders a name twice"
+
+
+def test_reference_docstrings_become_markdown() -> None:
+    """The griffe extension of the reference (docs/_ext): doctests, roles, literal blocks."""
+    pytest.importorskip("griffe", reason="the docs extra: pip install -e '.[docs]'")
+    spec = importlib.util.spec_from_file_location("griffe_parfn", DOCS / "_ext" / "griffe_parfn.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (
+        "Run it, see :class:`Task` and :meth:`~parfn.Pool.spawn`, not :exc:`KeyError`.\n"
+        "\n"
+        ">>> 1 + 1\n"
+        "2\n"
+        "\n"
+        "Kept::\n"
+        "\n"
+        "    except E as e:\n"
+        "        print(e)\n"
+        "\n"
+        "The end."
+    )
+    known = {"Task": "parfn.Task", "parfn.Pool.spawn": "parfn.Pool.spawn"}
+    assert module.to_markdown(text, known.get).splitlines() == [
+        "Run it, see [`Task`][parfn.Task] and [`parfn.Pool.spawn`][parfn.Pool.spawn], "
+        "not `KeyError`.",
+        "",
+        "```pycon",
+        ">>> 1 + 1",
+        "2",
+        "```",
+        "",
+        "Kept:",
+        "",
+        "```python",
+        "except E as e:",
+        "    print(e)",
+        "```",
+        "",
+        "The end.",
+    ]
 
 
 # -- docstrings -------------------------------------------------------------------------
