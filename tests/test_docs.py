@@ -43,6 +43,7 @@ import pkgutil
 import re
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,6 +280,22 @@ def test_readme_links_lead_to_files() -> None:
     assert local, "README.md links to no page"
     missing = [t for t in local if not (ROOT / t).exists()]
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_how_it_works_shows_the_engines_own_diagrams() -> None:
+    """docs/how-it-works.md carries the process engine's diagrams as its docstring has them."""
+    import parfn.backends.process as engine
+
+    page = (DOCS / "how-it-works.md").read_text(encoding="utf-8")
+    doc = engine.__doc__ or ""
+    blocks = re.findall(r"::\n\n((?:    .*\n|\n)+)", doc + "\n")
+    assert len(blocks) >= 2, "the engine's docstring lost its diagrams"
+    for block in blocks:
+        text = textwrap.dedent(block).strip("\n")
+        assert text in page, (
+            "docs/how-it-works.md is out of date: copy this block of "
+            f"src/parfn/backends/process/__init__.py into it:\n{text}"
+        )
 
 
 # -- the API reference ----------------------------------------------------------------
