@@ -1,50 +1,143 @@
-"""The default start: fork the first workers while the process has one thread,
-forkserver for everything after (and for every worker once other threads run)."""
+"""The start model: every worker of a pool, first or replacement, is forked by
+the pool's zygote and sees the same world (the caller's as it was when the
+pool started), whatever threads the caller has; the zygote reports how each
+worker ended, and goes with the pool (and with the pool's process)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
-from .conftest import run_python
+import parfn
 
-SCRIPT = textwrap.dedent(
-    """
-    import os, sys, threading
-    import parfn
-    from tests import funcs
+from ._scripts import run_script
+from .conftest import _children_of, child_env
 
-    if sys.argv[1] == "thread":
-        stop = threading.Event()
-        threading.Thread(target=stop.wait, daemon=True).start()
-    me = os.getpid()
-    with parfn.Pool(2) as pool:
-        first = set(pool.map(funcs.ppid, range(20), chunksize=1))
-        try:
-            pool.apply(funcs.crash, "exit")
-        except parfn.WorkerCrashed:
-            pass
-        after = set(pool.map(funcs.ppid, range(40), chunksize=1))
-    print("first-forked", first == {me})
-    print("replacement-from-server", any(p != me for p in after))
-    """
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the zygote is Linux only"
 )
 
+WORLD = """
+    import logging, os
 
-def _run(mode: str) -> str:
-    return run_python(SCRIPT, mode)
+    def world(_):
+        return (os.getppid(), os.environ.get("SETTING"), len(logging.getLogger().handlers))
+
+    def crash(how):
+        if how == "exit":
+            os._exit(3)
+        os.kill(os.getpid(), 9)
+"""
+
+MAIN = """
+    import logging, os, sys, threading
+    import parfn
+    import world
+
+    if __name__ == "__main__":
+        method = None if sys.argv[1] == "default" else sys.argv[1]
+        if sys.argv[2] == "thread":
+            stop = threading.Event()
+            threading.Thread(target=stop.wait, daemon=True).start()
+        logging.basicConfig()  # a logging setup made before the pool starts
+        os.environ["SETTING"] = "before"
+        with parfn.Pool(2, start_method=method) as pool:
+            os.environ["SETTING"] = "after"  # after it started: no worker sees it
+            first = set(pool.map(world.world, range(20), chunksize=1))
+            for how in ("exit", "kill"):
+                try:
+                    pool.apply(world.crash, how)
+                except parfn.WorkerCrashed as e:
+                    print("exitcode", how, e.exitcode)
+            after = set(pool.map(world.world, range(40), chunksize=1))
+        print("same-world", first == after, sorted(first)[0][1:])
+        print("one-parent", len({w[0] for w in first | after}) == 1)
+        print("not-me", os.getpid() not in {w[0] for w in first | after})
+"""
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork-first is Linux only")
-def test_one_thread_forks_the_first_workers_and_the_forkserver_replaces_them() -> None:
-    out = _run("alone")
-    assert "first-forked True" in out
-    assert "replacement-from-server True" in out
+@pytest.mark.parametrize("method", ["default", "fork"])
+@pytest.mark.parametrize("threads", ["alone", "thread"])
+def test_first_workers_and_replacements_share_one_world(
+    tmp_path: Path, method: str, threads: str
+) -> None:
+    out = run_script(
+        tmp_path, MAIN, method, threads, modules={"world": WORLD}, case=f"{method}-{threads}"
+    ).stdout
+    assert "exitcode exit 3" in out
+    assert "exitcode kill -9" in out
+    assert "same-world True ('before', 1)" in out
+    assert "one-parent True" in out  # the zygote
+    assert "not-me True" in out
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork-first is Linux only")
-def test_with_another_thread_running_nothing_is_forked() -> None:
-    out = _run("thread")
-    assert "first-forked False" in out
+def test_the_pool_has_one_zygote_with_its_workers_as_children() -> None:
+    with parfn.Pool(2) as pool:
+        pool.map(abs, range(4))
+        children = _children_of(os.getpid())
+        zygote = pool._backend._zygote  # type: ignore[attr-defined]
+        workers = {w.process.pid for w in pool._backend._workers}  # type: ignore[attr-defined]
+        assert zygote.pid in children
+        assert workers <= set(_children_of(zygote.pid))
+        assert {pid for pid in children if pid != zygote.pid} == workers
+    # (the autouse fixture checks that the zygote and its workers are gone now)
+
+
+KILLED = """
+    import os, sys, time
+    import parfn
+
+    def nap(_):
+        time.sleep(60)
+
+    if __name__ == "__main__":
+        method = None if sys.argv[1] == "default" else sys.argv[1]
+        task = parfn.Pool(2, start_method=method).spawn(nap, 0)
+        time.sleep(0.5)
+        print(os.getpid(), flush=True)
+        sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("method", ["default", "forkserver", "spawn"])
+def test_no_process_outlives_a_parent_killed_by_sigkill(tmp_path: Path, method: str) -> None:
+    (tmp_path / "main.py").write_text(textwrap.dedent(KILLED))
+    with subprocess.Popen(
+        [sys.executable, "main.py", method],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            pid = int(proc.stdout.readline())
+            descendants = set(_children_of(pid))
+            assert descendants, "no worker started"
+            os.kill(pid, signal.SIGKILL)
+            proc.wait(10)
+            deadline = time.monotonic() + 10
+            while True:
+                alive = {p for p in descendants if _alive(p)}
+                if not alive or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert not alive, f"outlived their parent: {alive}"
+        finally:
+            proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

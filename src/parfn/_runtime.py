@@ -9,12 +9,17 @@ Which pool a decorated function uses:
    ``contextvars`` variable: other threads are not taken over);
 2. inside a worker process, a serial pool: a nested ``.apply``/``.map`` runs in
    that worker, so it can never wait for a worker that waits for it;
-3. otherwise the default pool, started on first use.
+3. otherwise the default pool, started on first use (anew in a child of
+   the user's ``os.fork()``: the parent's pool is the parent's).
+
+No lock of this module is held while a pool starts: a process pool forks
+its zygote then, and the zygote would inherit the lock held.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -27,7 +32,11 @@ if TYPE_CHECKING:
 __all__ = ("current_pool", "in_worker", "shutdown")
 
 _lock = threading.Lock()
+"""Guards the variables below; never held while a pool starts."""
+_starting = threading.Lock()
+"""Held while the default pool starts, so that only one starts."""
 _default: Pool | None = None
+_default_pid = 0  # the process the default pool belongs to
 _in_worker_pool: Pool | None = None
 _hooked = False
 
@@ -48,22 +57,46 @@ def current_pool() -> Pool:
     pool = _scope.current.get()
     if pool is not None:
         return pool
-    global _default, _in_worker_pool, _hooked
-    with _lock:
-        if in_worker():
+    global _in_worker_pool
+    if in_worker():
+        with _lock:
             if _in_worker_pool is None:
                 from ._pool import Pool
 
                 _in_worker_pool = Pool(backend="serial")
             return _in_worker_pool
-        if _default is None:
-            from ._pool import Pool
+    pool = _default
+    if pool is not None and _default_pid == os.getpid():
+        return pool
+    return _start_default()
 
-            _default = Pool()
+
+def _start_default() -> Pool:
+    """Start the default pool, unless another thread just did."""
+    global _default, _default_pid, _hooked
+    with _starting:
+        with _lock:
+            if _default is not None and _default_pid == os.getpid():
+                return _default
             if not _hooked:
-                atexit.register(_at_exit)
                 _hooked = True
-        return _default
+                atexit.register(_at_exit)
+                os.register_at_fork(after_in_child=_after_fork_in_child)
+        from ._pool import Pool
+
+        pool = Pool()  # forks, holding _starting only (reset in the child)
+        with _lock:
+            _default, _default_pid = pool, os.getpid()
+        return pool
+
+
+def _after_fork_in_child() -> None:
+    """In any forked child: the parent's default pool is not this process's,
+    and a lock another thread held at the fork is held for ever here."""
+    global _default, _default_pid
+    _lock._at_fork_reinit()  # type: ignore[attr-defined]
+    _starting._at_fork_reinit()  # type: ignore[attr-defined]
+    _default, _default_pid = None, 0
 
 
 def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:

@@ -39,18 +39,20 @@ from ._dispatch import (
 from ._results import deliver_one, on_results
 from ._start import (
     JOIN_TIMEOUT,
-    can_fork_now,
     check_initargs,
     check_options,
     close_workers,
+    close_zygote,
     default_start_method,
+    open_zygote,
     preload_forkserver,
     register_pool,
     replace_workers,
-    start_worker,
+    start_workers,
 )
 from ._state import PoolState, Work, Worker
 from ._timeouts import check_deadlines
+from ._zygote import available as zygote_available
 
 __all__ = ("ProcessPool",)
 
@@ -70,15 +72,13 @@ class ProcessPool(PoolState):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
     ) -> None:
-        self._fork_first = start_method is None and can_fork_now()
         if start_method is None:
             start_method = default_start_method()
         check_options(start_method, max_tasks_per_worker, initializer)
         # The initializer travels like any function (lambdas too); its
-        # arguments as Process arguments, so that multiprocessing objects
-        # (Queue, Lock, Value) can be passed by inheritance, as with
-        # multiprocessing.Pool. Replacements of forked workers come from the
-        # forkserver: their arguments must pickle even then.
+        # arguments are inherited by forked workers, and are Process
+        # arguments otherwise, so that multiprocessing objects (Queue, Lock,
+        # Value) can be passed by inheritance, as with multiprocessing.Pool.
         init = None if initializer is None else dump_function(initializer)
         initargs = () if initializer is None else tuple(initargs)
         check_initargs(initargs, start_method)
@@ -87,23 +87,31 @@ class ProcessPool(PoolState):
         super().__init__(
             workers or available_cpus(), start_method, max_tasks_per_worker, init, initargs
         )
+        self._pid = os.getpid()
         sweep_stale()  # segments of processes killed before they could clean up
-        self._manager = threading.Thread(target=self._manage, name="parfn-manager", daemon=True)
         register_pool(self)
-        if self._fork_first:
-            # The fastest safe start: this process has one thread (no lock
-            # can be held by another thread across the fork), so the first
-            # workers are forked now, before the manager thread exists.
-            # Replacements come from the forkserver.
-            with self._lock:
-                for _ in range(self.workers):
-                    start_worker(self, "fork")
+        if start_method == "fork" and zygote_available():
+            # Before the manager thread exists, from this thread, holding no
+            # lock: the zygote, then the first workers (see _start, _zygote).
+            open_zygote(self)
+            start_workers(self, self.workers)
+        self._manager = threading.Thread(target=self._manage, name="parfn-manager", daemon=True)
         self._manager.start()
+
+    def _check_owner(self) -> None:
+        """Raise PoolClosed in a child of the user's ``os.fork()``: the pool is the parent's."""
+        if self._pid != os.getpid():
+            raise PoolClosed(
+                f"this process pool belongs to process {self._pid}, and this is its child "
+                f"{os.getpid()} (os.fork()): a pool's workers and threads are its own process's. "
+                "Start a new pool here (the default pool starts anew by itself)"
+            )
 
     # -- called from any thread -------------------------------------------------
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; see ``backends._base``. Pickles here, in the caller."""
+        self._check_owner()
         works, bad = prepare(self, job)
         with self._lock:
             if self._closed:
@@ -129,6 +137,7 @@ class ProcessPool(PoolState):
         if job.options.timeout is not None or len(job.items) != 1:
             self.submit(job)
             return
+        self._check_owner()
         (work,), _ = prepare(self, job)
         with self._lock:
             if self._closed:
@@ -190,6 +199,8 @@ class ProcessPool(PoolState):
     def cancel(self, job: Job) -> bool:
         """Stop ``job``: drop its queued items, stop its running ones. True if it was live."""
         kill: list[Worker] = []
+        if self._pid != os.getpid():
+            return False
         with self._lock:
             found = False
             for work in self._queue:
@@ -213,6 +224,8 @@ class ProcessPool(PoolState):
         return found
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        if self._pid != os.getpid():
+            return  # a child of os.fork(): the parent's pool is the parent's to shut down
         with self._lock:
             first = not self._closed
             self._closed = True
@@ -246,6 +259,7 @@ class ProcessPool(PoolState):
         finally:
             fail_pending(self)
             self._close()
+            close_zygote(self)
 
     def _manage_loop(self) -> None:
         with self._lock:

@@ -1,24 +1,32 @@
 """Worker processes: how they start, are replaced, retire and are reaped.
 
-The start method (fork first, then forkserver, by default), the checks of the
-pool's options that starting a worker depends on, the bookkeeping of the
-parent's pipe ends that a forked child must close, and the exit hook that
-shuts down every pool still open when the interpreter exits.
+One start model per pool, for its first workers and its replacements alike
+(the user's guide, ``docs/guide/workers.md``, says what each means for the
+user's code):
+
+* ``"fork"``, the default on Linux: the pool's zygote (``_zygote``), forked
+  from the caller when the pool starts, forks every worker on request. Each
+  worker is a copy of the caller as it was when the pool started.
+* ``"spawn"`` and ``"forkserver"``: ``multiprocessing`` starts each worker
+  afresh, an interpreter that imports the main module as ``__mp_main__``.
+  (``"fork"`` where there is no zygote, off Linux, too.)
+
+Also here: the checks of the pool's options that starting a worker depends
+on, and the exit hook that shuts down every pool still open when the
+interpreter exits.
 """
 
 from __future__ import annotations
 
 import atexit
-import multiprocessing
 import os
 import selectors
-import sys
-import threading
 import time
 import weakref
 from typing import Any, Protocol
 
 from ..._wire.shm import release_leftovers
+from . import _zygote
 from ._channel import Channel
 from ._state import PoolState, Worker, parent_fds, start_lock
 from ._worker import worker_main
@@ -26,17 +34,18 @@ from ._worker import worker_main
 __all__ = (
     "JOIN_TIMEOUT",
     "START_METHODS",
-    "can_fork_now",
     "check_initargs",
     "check_options",
     "close_workers",
+    "close_zygote",
     "default_start_method",
+    "open_zygote",
     "preload_forkserver",
     "register_pool",
     "replace_workers",
     "retire",
     "shutdown_all_pools",
-    "start_worker",
+    "start_workers",
 )
 
 START_METHODS = ("fork", "forkserver", "spawn")
@@ -49,44 +58,23 @@ JOIN_TIMEOUT = 5.0
 
 
 def default_start_method() -> str:
-    """forkserver where the platform has it, else spawn.
+    """ "fork" (by the pool's zygote) on Linux, else "spawn".
 
-    Measured on Linux (2 cores, Python 3.11): a cold start (a fresh process
-    that imports parfn, gets one result and shuts down) takes ~80 ms when the
-    first workers are forked, ~160 ms by forkserver (the server itself starts
-    first) and ~180 ms by spawn; ``multiprocessing.Pool`` by fork takes ~40 ms.
-    fork alone is not the default: the pool has a manager thread, and forking
-    a process that has threads can deadlock the child (Python 3.12+ warns).
-    So by default the first workers are forked while the process still has
-    one thread (``can_fork_now``), and every later worker comes from the
-    forkserver: as safe as spawn, a few ms per worker once the server runs,
-    and Python 3.14's default on Linux.
+    Measured on Linux (2 cores, Python 3.11; ``docs/guide/workers.md`` has
+    the table): a worker forked by the zygote starts in ~1-2 ms, first or
+    replacement; by forkserver in ~10 ms once the server runs (~100 ms for
+    the server itself), by spawn in ~60-100 ms. The zygote is forked once,
+    from the caller, before the pool's threads exist and with no lock of
+    parfn's held, and it is single-threaded: no worker is forked from a
+    process whose other threads could hold a lock.
     """
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-def can_fork_now() -> bool:
-    """True if forking now is safe: Linux, the main thread, the only OS thread.
-
-    Counted by the kernel (``/proc/self/status``), so native threads (a BLAS
-    pool) count too: with any other thread, fork could copy a lock it holds.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1]) == 1
-    except OSError:
-        pass
-    return False
+    return "fork" if _zygote.available() else "spawn"
 
 
 def preload_forkserver() -> None:
-    """Have the forkserver, when it starts, import what every worker needs."""
+    """Have the forkserver, when it starts, import what every worker needs
+    (and the main module, as ``multiprocessing`` does by default)."""
+    import multiprocessing
     from multiprocessing import forkserver
 
     if not forkserver._forkserver._forkserver_pid:  # type: ignore[attr-defined]
@@ -100,8 +88,14 @@ def preload_forkserver() -> None:
 
 def check_options(start_method: str, max_tasks_per_worker: int | None, initializer: Any) -> None:
     """Raise ValueError or TypeError for an option no worker could start with."""
-    if start_method not in multiprocessing.get_all_start_methods():
-        allowed = ", ".join(repr(m) for m in multiprocessing.get_all_start_methods())
+    if start_method != "fork" or not _zygote.available():
+        import multiprocessing
+
+        methods = multiprocessing.get_all_start_methods()
+    else:
+        methods = list(START_METHODS)
+    if start_method not in methods:
+        allowed = ", ".join(repr(m) for m in methods)
         raise ValueError(f"unknown start method {start_method!r}; choose one of {allowed}")
     if max_tasks_per_worker is not None and (
         isinstance(max_tasks_per_worker, bool)
@@ -135,14 +129,13 @@ class _Rehearsal:
 def check_initargs(initargs: tuple[Any, ...], start_method: str) -> None:
     """Raise TypeError now if ``initargs`` cannot reach a worker started by ``start_method``.
 
-    Workers get the initializer's arguments as ``Process`` arguments (so that
-    multiprocessing objects can be passed by inheritance). A forked worker
-    inherits them: nothing is pickled. By forkserver or spawn (which also
-    start the replacements of a pool whose first workers were forked),
-    multiprocessing pickles them as each worker starts, on the manager
-    thread, where a failure could only fail every task. So they are pickled
-    here once more, as a start would pickle them (once per pool: big initargs
-    cost one extra pickling).
+    A forked worker inherits them from the zygote: nothing is pickled. By
+    forkserver or spawn, they are ``Process`` arguments (so that
+    multiprocessing objects can be passed by inheritance), which
+    multiprocessing pickles as each worker starts, on the manager thread,
+    where a failure could only fail every task. So they are pickled here once
+    more, as a start would pickle them (once per pool: big initargs cost one
+    extra pickling).
     """
     if start_method == "fork" or not initargs:
         return
@@ -167,41 +160,57 @@ def check_initargs(initargs: tuple[Any, ...], start_method: str) -> None:
 # -- starting, replacing, retiring ----------------------------------------------------
 
 
-def start_worker(pool: PoolState, method: str | None = None) -> None:
-    """Start one worker (by ``method``, default the pool's). Caller holds ``_lock``.
+def open_zygote(pool: PoolState) -> None:
+    """Fork the pool's zygote now, from this thread (``ProcessPool.__init__``,
+    before the manager thread exists, holding no lock)."""
+    pool._zygote = _zygote.Zygote(pool._init, pool._initargs)
 
-    Runs on the manager thread, except the first workers of a pool that
-    starts them by fork (see ``can_fork_now``), started by the caller.
+
+def start_workers(pool: PoolState, n: int) -> None:
+    """Start ``n`` workers. Caller holds ``_lock`` (or is the only thread).
+
+    By the zygote, all ``n`` requests go out before the first answer is read.
     """
-    method = method or pool.start_method
+    if pool._zygote is not None:
+        for process, conn, slot in pool._zygote.fork_workers(n):
+            _add(pool, Worker(process, Channel(conn), slot))
+    else:
+        for _ in range(n):
+            _start_by_multiprocessing(pool)
+
+
+def _start_by_multiprocessing(pool: PoolState) -> None:
+    """Start one worker with ``multiprocessing`` (spawn, forkserver; fork off Linux)."""
+    import multiprocessing
+
+    method = pool.start_method
     ctx = multiprocessing.get_context(method)
     with start_lock:  # no other pool forks while this pipe is half made
         parent_end, child_end = ctx.Pipe(duplex=True)
         slot = ctx.RawArray("d", 3)
         parent_pid = 0 if method == "forkserver" else os.getpid()
-        # A forked child inherits the parent's ends of the other workers'
-        # pipes; it closes them, or those workers would never see EOF.
-        inherited = [*parent_fds, parent_end.fileno()] if method == "fork" else []
+        # A child forked by multiprocessing closes the other pools' pipes
+        # (``_forksafe``), and this one's parent end here.
+        own_end = [parent_end.fileno()] if method == "fork" else []
         process = ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
-            args=(
-                child_end,
-                slot,
-                parent_pid,
-                os.getpid(),
-                pool._init,
-                pool._initargs,
-                inherited,
-            ),
+            args=(child_end, slot, pool._init, pool._initargs),
+            kwargs={"parent_pid": parent_pid, "owner_pid": os.getpid(), "close_fds": own_end},
             name="parfn-worker",
         )
         process.start()
         child_end.close()
-        worker = Worker(process, Channel(parent_end), slot)
-        parent_fds.add(worker.channel.fd)
+        # A plain descriptor (no finalizer: see ``_zygote.Fd``).
+        conn = _zygote.Fd(os.dup(parent_end.fileno()))
+        parent_end.close()
+        parent_fds.add(conn.fileno())
+    _add(pool, Worker(process, Channel(conn), slot))
+
+
+def _add(pool: PoolState, worker: Worker) -> None:
     pool._workers.append(worker)
     pool._selector.register(worker.channel.fd, selectors.EVENT_READ, ("pipe", worker))
-    pool._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
+    pool._selector.register(worker.process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
 
 def replace_workers(pool: PoolState) -> None:
@@ -209,8 +218,8 @@ def replace_workers(pool: PoolState) -> None:
     if pool._stopping:
         return
     live = sum(1 for w in pool._workers if not w.retiring)
-    for _ in range(pool.workers - live):
-        start_worker(pool)
+    if live < pool.workers:
+        start_workers(pool, pool.workers - live)
     for worker in pool._workers:
         if worker.retiring and not worker.runs and not worker.channel.out:
             # Its last item is done: closing the pipe lets it exit by itself.
@@ -246,6 +255,13 @@ def close_workers(pool: PoolState) -> None:
         worker.process.close()
     with pool._lock:
         pool._workers.clear()
+    close_zygote(pool)
+
+
+def close_zygote(pool: PoolState) -> None:
+    """Close the pool's zygote, if it has one: it exits once its workers have."""
+    if pool._zygote is not None:
+        pool._zygote.close()
 
 
 # -- at interpreter exit --------------------------------------------------------------
@@ -272,6 +288,8 @@ def register_pool(pool: _Closable) -> None:
     if not _hooked:
         _hooked = True
         atexit.register(shutdown_all_pools)
+        # A forked child owns none of them (it cannot use them: see _forksafe).
+        os.register_at_fork(after_in_child=_live_pools.clear)
 
 
 def shutdown_all_pools() -> None:

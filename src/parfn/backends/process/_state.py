@@ -171,6 +171,7 @@ class PoolState:
         self._max_tasks = max_tasks
         self._init = init  # the pickled initializer
         self._initargs = initargs  # Process arguments (multiprocessing pickles them)
+        self._zygote: Any = None  # the zygote that forks the workers (fork), see _start
 
         self._lock = threading.Lock()
         self._queue: deque[Work] = deque()

@@ -25,8 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from multiprocessing.connection import Connection
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..._wire.errors import SerializationError
@@ -55,13 +54,59 @@ IN_WORKER = False
 """True in a worker process of the process backend (read by ``parfn.in_worker``)."""
 
 
+def worker_main(
+    conn: Any,
+    slot: Any,
+    init: bytes | None,
+    initargs: tuple[Any, ...],
+    *,
+    parent_pid: int = 0,
+    owner_pid: int = 0,
+    close_fds: Sequence[int] = (),
+) -> None:
+    """Entry point of a worker process: its start-up, step by step, then its loop.
+
+    Called in the worker by the pool's zygote (``_zygote``), or as the target
+    of a ``multiprocessing.Process`` (spawn, forkserver). ``conn``: the
+    worker's end of its pipe (anything with ``fileno()``); ``slot``: its
+    status slot (shared memory: three float64); ``init``: the pickled
+    initializer. ``owner_pid``: the pool's process, when it is not the
+    zygote's to end this worker with it (``parent_pid``: this process's
+    parent, 0 if that is a forkserver). ``close_fds``: descriptors the worker
+    inherited and must close.
+
+    The steps run in this order; a new step goes here, before the
+    initializer when it must be in place before any user code runs.
+    """
+    global IN_WORKER
+    IN_WORKER = True
+    _close(close_fds)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if owner_pid:
+        _die_with_parent(parent_pid, owner_pid)
+    status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
+    if not _run_initializer(conn.fileno(), init, initargs):
+        os._exit(1)
+    _Worker(conn, status).loop()
+    os._exit(0)
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _die_with_parent(parent_pid: int, owner_pid: int) -> None:
     """End this process when the pool's process dies, even by SIGKILL.
 
-    Two guards: Linux's parent-death signal (for fork and spawn, the parent is
-    the pool's process), and a thread that waits on a pidfd of the pool's
-    process (for forkserver, whose server is the parent and does not exit
-    while its children live).
+    (A worker of the zygote needs none of this: the zygote watches the pool's
+    process and kills its workers when it ends.) Two guards: Linux's
+    parent-death signal (for spawn, the parent is the pool's process), and a
+    thread that waits on a pidfd of the pool's process (for forkserver, whose
+    server is the parent and does not exit while its children live).
     """
     if sys.platform.startswith("linux"):
         try:
@@ -87,42 +132,27 @@ def _watch(pidfd: int) -> None:
     os._exit(1)
 
 
-def worker_main(
-    conn: Connection,
-    slot: Any,
-    parent_pid: int,
-    owner_pid: int,
-    init: bytes | None,
-    initargs: tuple[Any, ...],
-    inherited_fds: list[int],
-) -> None:
-    """Entry point of a worker process (the target of ``Process``).
+def _run_initializer(fd: int, init: bytes | None, initargs: tuple[Any, ...]) -> bool:
+    """Run the pool's initializer; if it raises, tell the parent (InitFailed): False.
 
-    ``inherited_fds``: the parent's ends of other pipes, which a forked child
-    inherits and must close.
+    The parent may have closed the pipe meanwhile (the pool shut down): then
+    nobody is told, and nothing is printed.
     """
-    global IN_WORKER
-    IN_WORKER = True
-    for fd in inherited_fds:
+    if init is None:
+        return True
+    try:
+        load_function(init)(*initargs)
+    except Exception as exc:
         try:
-            os.close(fd)
+            write_frame(fd, encode(InitFailed(ExceptionEnvelope(exc))))
         except OSError:
             pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent_pid, owner_pid)
-    status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
-    if init is not None:
-        try:
-            load_function(init)(*initargs)
-        except Exception as exc:
-            write_frame(conn.fileno(), encode(InitFailed(ExceptionEnvelope(exc))))
-            os._exit(1)
-    _Worker(conn, status).loop()
-    os._exit(0)
+        return False
+    return True
 
 
 class _Worker:
-    def __init__(self, conn: Connection, status: Any) -> None:
+    def __init__(self, conn: Any, status: Any) -> None:
         self.conn = conn
         self.status = status
         self.functions: dict[int, Callable[..., Any]] = {}
