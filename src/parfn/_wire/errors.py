@@ -17,7 +17,7 @@ itself, with the worker's traceback text attached as its ``__cause__``.
 from __future__ import annotations
 
 import pickle
-from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any
 
 __all__ = (
     "ParfnError",
@@ -91,7 +91,7 @@ class SerializationError(ParfnError, pickle.PicklingError):
     """
 
 
-class WorkerCrashed(ParfnError, BrokenProcessPool):
+class _Crashed(ParfnError):
     """The worker process running the task died before it could answer.
 
     A signal (SIGKILL is often the out-of-memory killer), ``os._exit`` or a
@@ -115,6 +115,32 @@ class WorkerCrashed(ParfnError, BrokenProcessPool):
     def __init__(self, message: str, exitcode: int | None = None) -> None:
         self.exitcode = exitcode
         super().__init__(message)
+
+
+if TYPE_CHECKING:
+    from concurrent.futures.process import BrokenProcessPool
+
+    class WorkerCrashed(_Crashed, BrokenProcessPool):
+        """See ``_Crashed``."""
+
+else:
+
+    def __getattr__(name: str) -> Any:
+        """``WorkerCrashed`` is made on first use: its base ``BrokenProcessPool``
+        costs ~10 ms to import (``concurrent.futures.process`` imports most of
+        ``multiprocessing``), which a pool whose workers are forked by its
+        zygote does not otherwise need."""
+        if name != "WorkerCrashed":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from concurrent.futures.process import BrokenProcessPool
+
+        cls = type(
+            "WorkerCrashed",
+            (_Crashed, BrokenProcessPool),
+            {"__doc__": _Crashed.__doc__, "__module__": __name__, "__qualname__": "WorkerCrashed"},
+        )
+        globals()["WorkerCrashed"] = cls
+        return cls
 
 
 class TaskTimeout(ParfnError, TimeoutError):

@@ -15,7 +15,8 @@ import contextlib
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 
-from ..._wire.errors import TaskTimeout, WorkerCrashed
+from ..._wire import errors
+from ..._wire.errors import TaskTimeout
 from ..._wire.protocol import ANY_ITEM
 from .._base import Job
 from ._start import retire
@@ -108,7 +109,7 @@ def account_for_exit(pool: PoolState, worker: Worker) -> None:
                 requeue.pop(0)
                 text = crash_text(first.state.job, exitcode)
                 failures.append(
-                    (first.state.job, first.lo, first.hi, lambda: WorkerCrashed(text, exitcode))
+                    (first.state.job, first.lo, first.hi, lambda: errors.WorkerCrashed(text, exitcode))
                 )
         for work in reversed(requeue):
             if work.hi > work.lo:
@@ -140,7 +141,7 @@ def blame(
     text = crash_text(job, exitcode)
     if index < work.lo:
         text += " while loading the arguments"
-    return lambda: WorkerCrashed(text, exitcode)
+    return lambda: errors.WorkerCrashed(text, exitcode)
 
 
 def crash_text(job: Job, exitcode: int | None) -> str:
