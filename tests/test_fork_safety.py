@@ -156,7 +156,7 @@ SLOW_IMPORT = """
 """
 
 IMPORTING_THREAD = """
-    import threading, time
+    import sys, threading, time
     import parfn
 
     def read(_):
@@ -164,23 +164,28 @@ IMPORTING_THREAD = """
         return slowmod.VALUE
 
     if __name__ == "__main__":
+        method = None if sys.argv[1] == "default" else sys.argv[1]
         importer = threading.Thread(target=__import__, args=("slowmod",))
         importer.start()
         time.sleep(0.3)  # it holds slowmod's import lock now
-        with parfn.Pool(2) as pool:
+        with parfn.Pool(2, start_method=method) as pool:
             print("imported", pool.map(read, range(4)))
         importer.join()
 """
 
 
-def test_a_module_another_thread_is_importing_imports_afresh_in_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["default", "fork"])
+def test_a_module_another_thread_is_importing_imports_afresh_in_workers(
+    tmp_path: Path, method: str
+) -> None:
     """A worker forked while another thread held a module's import lock would
     wait for ever importing that module; it imports it afresh instead."""
     out = run_script(
         tmp_path,
         IMPORTING_THREAD,
+        method,
         modules={"slowmod": SLOW_IMPORT},
-        case="import lock held by another thread",
+        case=f"import lock held by another thread, {method}",
         timeout=60,
     ).stdout
     assert "imported [42, 42, 42, 42]" in out

@@ -54,7 +54,7 @@ class ProcessPoolExecutor(Executor):
 
     ``max_workers``: how many worker processes (default: the CPUs this process
     may use). ``mp_context``: a ``multiprocessing`` context; only its start
-    method is used (default: parfn's, forkserver on Linux, not ``fork``; with
+    method is used (default: parfn's, ``fork`` by the pool's zygote on Linux; with
     ``max_tasks_per_child``, ``spawn`` as in the standard library).
     ``initializer(*initargs)`` runs once in each worker as it starts.
     ``max_tasks_per_child``: replace a worker after it ran this many tasks.

@@ -142,8 +142,9 @@ class Pool:
 
     ``workers``: how many (default: the CPUs this process may use).
     ``backend``: ``"process"``, ``"thread"``, ``"serial"`` or ``"dask"``.
-    ``start_method``: ``"forkserver"`` (default on Linux), ``"spawn"`` or
-    ``"fork"``, for the process backend. ``max_tasks_per_worker``: replace a
+    ``start_method``: ``"fork"`` (default on Linux: workers forked by the
+    pool's zygote), ``"forkserver"`` or ``"spawn"``, for the process backend
+    (see ``docs/guide/workers.md``). ``max_tasks_per_worker``: replace a
     worker process after it ran this many items. ``initializer(*initargs)``
     runs once in each worker as it starts. Other keywords go to the backend
     (``address=`` and ``client=`` for Dask).

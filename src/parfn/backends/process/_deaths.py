@@ -109,7 +109,12 @@ def account_for_exit(pool: PoolState, worker: Worker) -> None:
                 requeue.pop(0)
                 text = crash_text(first.state.job, exitcode)
                 failures.append(
-                    (first.state.job, first.lo, first.hi, lambda: errors.WorkerCrashed(text, exitcode))
+                    (
+                        first.state.job,
+                        first.lo,
+                        first.hi,
+                        lambda: errors.WorkerCrashed(text, exitcode),
+                    )
                 )
         for work in reversed(requeue):
             if work.hi > work.lo:
@@ -141,6 +146,10 @@ def blame(
     text = crash_text(job, exitcode)
     if index < work.lo:
         text += " while loading the arguments"
+    return _crashed(text, exitcode)
+
+
+def _crashed(text: str, exitcode: int | None) -> Callable[[], BaseException]:
     return lambda: errors.WorkerCrashed(text, exitcode)
 
 

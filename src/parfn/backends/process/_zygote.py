@@ -40,6 +40,7 @@ import struct
 import sys
 import threading
 import time
+import warnings
 from typing import Any
 
 from . import _forksafe
@@ -150,7 +151,12 @@ class Zygote:
         with start_lock:  # parent_fds is complete: no pool's pipe is half made
             self._fd = ours.detach()
             parent_fds.add(self._fd)
-            pid = os.fork()
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of any fork while other threads run; this
+                # one is the documented start model, made safe as _forksafe
+                # says (docs/guide/workers.md: what it cannot make safe).
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
             if pid == 0:  # pragma: no cover - the zygote (coverage does not follow forks)
                 try:
                     _serve(theirs, owner, init, initargs)
