@@ -142,3 +142,25 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+BUFFERED = """
+    import sys
+    import parfn
+
+    def shout(x):
+        print("item", x, flush=True)
+
+    if __name__ == "__main__":
+        sys.stdout.write("buffered before the pool;")  # not flushed yet
+        with parfn.Pool(2) as pool:
+            pool.map(shout, range(4))
+"""
+
+
+def test_output_buffered_before_the_pool_is_not_printed_again_by_workers(tmp_path: Path) -> None:
+    out = run_script(tmp_path, BUFFERED, case="buffered output").stdout
+    assert out.count("buffered before the pool;") == 1, out
+    assert sorted(line for line in out.split(";")[-1].splitlines() if line) == [
+        f"item {i}" for i in range(4)
+    ]

@@ -148,6 +148,7 @@ class Zygote:
         self._exits: dict[int, int] = {}  # pid -> exit code, reported and not yet joined
         self._gone = False
         owner = os.getpid()
+        _flush_std_streams()  # or the workers would print what is buffered again
         with start_lock:  # parent_fds is complete: no pool's pipe is half made
             self._fd = ours.detach()
             parent_fds.add(self._fd)
@@ -177,8 +178,10 @@ class Zygote:
                     self._gone = True
             while len(started) < n:
                 record = self._receive(None)
-                if record is None:
-                    raise ZygoteGone(self._death())
+                if record is None:  # an exit report, or the zygote's end
+                    if self._gone:
+                        raise ZygoteGone(self._death())
+                    continue
                 pid, fds = record
                 conn, slot_fd, pidfd = fds
                 with start_lock:
@@ -350,6 +353,15 @@ def _send(ctl: Any, record: bytes, fds: tuple[int, ...] = ()) -> None:
             ctl.send(record)
     except OSError:
         pass  # the pool is gone: nobody to tell
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
 
 
 def _name_process(name: str) -> None:
