@@ -149,7 +149,8 @@ BUFFERED = """
     import parfn
 
     def shout(x):
-        print("item", x, flush=True)
+        sys.stdout.write(f"<item {x}>")
+        sys.stdout.flush()
 
     if __name__ == "__main__":
         sys.stdout.write("buffered before the pool;")  # not flushed yet
@@ -161,6 +162,18 @@ BUFFERED = """
 def test_output_buffered_before_the_pool_is_not_printed_again_by_workers(tmp_path: Path) -> None:
     out = run_script(tmp_path, BUFFERED, case="buffered output").stdout
     assert out.count("buffered before the pool;") == 1, out
-    assert sorted(line for line in out.split(";")[-1].splitlines() if line) == [
-        f"item {i}" for i in range(4)
-    ]
+    assert all(out.count(f"<item {i}>") == 1 for i in range(4)), out
+
+
+def test_a_pool_whose_zygote_was_killed_says_so_and_shuts_down() -> None:
+    pool = parfn.Pool(1)
+    try:
+        assert pool.apply(abs, -1) == 1
+        os.kill(pool._backend._zygote.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        assert pool.apply(abs, -2) == 2  # its worker lives on
+        with pytest.raises(parfn.WorkerCrashed):
+            pool.apply(os._exit, 1)
+        with pytest.raises((parfn.PoolClosed, parfn.WorkerCrashed), match="zygote"):
+            pool.apply(abs, -3)  # no worker can take its place
+    finally:
+        pool.shutdown()

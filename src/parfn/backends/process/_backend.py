@@ -115,7 +115,7 @@ class ProcessPool(PoolState):
         works, bad = prepare(self, job)
         with self._lock:
             if self._closed:
-                raise PoolClosed("the pool is shut down")
+                raise PoolClosed(self._broken or "the pool is shut down")
             if len(works) == 1 and not self._queue and send_direct(self, works[0]):
                 if not bad and job.options.timeout is None and not self._pending_output():
                     return
@@ -141,7 +141,7 @@ class ProcessPool(PoolState):
         (work,), _ = prepare(self, job)
         with self._lock:
             if self._closed:
-                raise PoolClosed("the pool is shut down")
+                raise PoolClosed(self._broken or "the pool is shut down")
             worker = None if self._queue else idle_worker(self)
             if worker is None:
                 self._queue.append(work)

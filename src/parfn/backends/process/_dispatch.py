@@ -59,7 +59,7 @@ def prepare(pool: PoolState, job: Job) -> tuple[list[Work], dict[int, str]]:
     """Pickle a job (in the caller): its runs of sendable items, and why
     each other item cannot be sent."""
     if pool._closed:
-        raise PoolClosed("the pool is shut down")
+        raise PoolClosed(pool._broken or "the pool is shut down")
     function = pickled_function(pool, job.fn)
     n = len(job.items)
     try:

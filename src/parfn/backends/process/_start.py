@@ -23,6 +23,7 @@ import os
 import selectors
 import time
 import weakref
+from collections import deque
 from typing import Any, Protocol
 
 from ..._wire.shm import release_leftovers
@@ -219,11 +220,29 @@ def replace_workers(pool: PoolState) -> None:
         return
     live = sum(1 for w in pool._workers if not w.retiring)
     if live < pool.workers:
-        start_workers(pool, pool.workers - live)
+        try:
+            start_workers(pool, pool.workers - live)
+        except _zygote.ZygoteGone as exc:
+            _break(pool, str(exc))
+            return
     for worker in pool._workers:
         if worker.retiring and not worker.runs and not worker.channel.out:
             # Its last item is done: closing the pipe lets it exit by itself.
             retire(pool, worker)
+
+
+def _break(pool: PoolState, why: str) -> None:
+    """No worker can be started any more: close the pool, fail what is queued
+    (the runs in flight finish on the workers that are left). Caller holds ``_lock``."""
+    from ..._wire import errors
+
+    pool._broken = why
+    pool._closed = True
+    queued, pool._queue = pool._queue, deque()
+    for work in queued:
+        if not work.state.cancelled:
+            failure = (work.state.job, work.lo, work.hi, lambda: errors.WorkerCrashed(why))
+            pool._pending_failures.append(failure)
 
 
 def retire(pool: PoolState, worker: Worker) -> None:

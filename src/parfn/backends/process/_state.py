@@ -172,6 +172,7 @@ class PoolState:
         self._init = init  # the pickled initializer
         self._initargs = initargs  # Process arguments (multiprocessing pickles them)
         self._zygote: Any = None  # the zygote that forks the workers (fork), see _start
+        self._broken: str | None = None  # why no worker can be started any more
 
         self._lock = threading.Lock()
         self._queue: deque[Work] = deque()
