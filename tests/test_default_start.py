@@ -144,27 +144,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-BUFFERED = """
-    import sys
-    import parfn
-
-    def shout(x):
-        sys.stdout.write(f"<item {x}>")
-        sys.stdout.flush()
-
-    if __name__ == "__main__":
-        sys.stdout.write("buffered before the pool;")  # not flushed yet
-        with parfn.Pool(2) as pool:
-            pool.map(shout, range(4))
-"""
-
-
-def test_output_buffered_before_the_pool_is_not_printed_again_by_workers(tmp_path: Path) -> None:
-    out = run_script(tmp_path, BUFFERED, case="buffered output").stdout
-    assert out.count("buffered before the pool;") == 1, out
-    assert all(out.count(f"<item {i}>") == 1 for i in range(4)), out
-
-
 def test_a_pool_whose_zygote_was_killed_says_so_and_shuts_down() -> None:
     pool = parfn.Pool(1)
     try:

@@ -148,7 +148,7 @@ class Zygote:
         self._exits: dict[int, int] = {}  # pid -> exit code, reported and not yet joined
         self._gone = False
         owner = os.getpid()
-        _flush_std_streams()  # or the workers would print what is buffered again
+        _flush_std_streams()  # as multiprocessing does before it forks
         with start_lock:  # parent_fds is complete: no pool's pipe is half made
             self._fd = ours.detach()
             parent_fds.add(self._fd)
