@@ -156,3 +156,34 @@ def test_a_pool_whose_zygote_was_killed_says_so_and_shuts_down() -> None:
             pool.apply(abs, -3)  # no worker can take its place
     finally:
         pool.shutdown()
+
+
+UNGUARDED = """
+    import os
+    import parfn
+
+    print("top level runs", flush=True)
+
+    def crash_once(x):
+        if x == 3 and not os.path.exists("crashed"):
+            open("crashed", "w").close()
+            os._exit(5)
+        return x * 10
+
+    pool = parfn.Pool(2)
+    try:
+        print("result", pool.map(crash_once, range(6), chunksize=1))
+    except parfn.WorkerCrashed as e:
+        print("crashed", e.exitcode)
+    print("after", pool.map(crash_once, range(6), chunksize=1))
+    pool.shutdown()
+"""
+
+
+def test_a_script_without_the_main_guard_runs_its_top_level_once(tmp_path: Path) -> None:
+    """Item 7: replacements came from the forkserver, which ran an unguarded
+    script's top level again in the middle of a map."""
+    out = run_script(tmp_path, UNGUARDED, case="unguarded script").stdout
+    assert out.count("top level runs") == 1, out
+    assert "crashed 5" in out
+    assert "after [0, 10, 20, 30, 40, 50]" in out
