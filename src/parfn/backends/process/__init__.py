@@ -22,8 +22,8 @@ How a call travels (each step names the module that does it)::
                                                   fail that one item,
                                                   requeue the rest
                                                   (_deaths),
-                                                  start a replacement
-                                                  (_start)
+                                                  ask the zygote for a
+                                                  replacement (_start)
                                              a deadline (timeout) passed:
                                                kill that worker, as above
                                                (_timeouts)
@@ -31,6 +31,11 @@ How a call travels (each step names the module that does it)::
     apply(): submit_and_wait(job) borrows an idle worker: the caller's thread
     writes the Batch and reads the Results itself (_talk); the manager only
     watches that worker's sentinel until the caller gives it back.
+
+Workers (start method "fork", the default on Linux) are forked by the pool's
+zygote, a process the caller forked when the pool started (``_zygote``): all
+of them, first and replacements, are copies of the same single-threaded state.
+By "spawn" or "forkserver", ``multiprocessing`` starts them.
 
 One duplex pipe per worker (no shared queue a dying worker could leave
 locked), non-blocking on the parent's side, so the manager never blocks on a
@@ -43,7 +48,9 @@ The modules, each a concern; arrows point one way, down::
       -> _results     Results -> sinks                     |
       -> _timeouts    per-item deadlines                   +-> _state: records,
       -> _deaths      dead workers' runs -> _start         |   PoolState (which
-      -> _start       worker processes -> _worker        --+   ProcessPool extends)
+      -> _start       worker processes -> _zygote/_worker--+   ProcessPool extends)
+    _zygote       the process that forks the workers, and the parent's handles on them
+    _forksafe     what every forked child resets (parfn's locks, the pools' descriptors)
     _worker       the worker process's main loop (imports only _channel and the wire)
     _channel      framed I/O on the two ends of a worker's pipe
 
