@@ -134,13 +134,14 @@ else:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         from concurrent.futures.process import BrokenProcessPool
 
-        cls = type(
+        made = type(
             "WorkerCrashed",
             (_Crashed, BrokenProcessPool),
             {"__doc__": _Crashed.__doc__, "__module__": __name__, "__qualname__": "WorkerCrashed"},
         )
-        globals()["WorkerCrashed"] = cls
-        return cls
+        # setdefault is atomic: threads that race here all get the one class
+        # stored first (``except WorkerCrashed`` must match what is raised).
+        return globals().setdefault("WorkerCrashed", made)
 
 
 class TaskTimeout(ParfnError, TimeoutError):
