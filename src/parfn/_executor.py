@@ -24,9 +24,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
+from concurrent.futures.process import _RemoteTraceback
 from itertools import islice
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from ._dropin import WorkerProcess, cause_as, worker_processes
 from ._task import Task
 from ._wire.errors import PoolClosed, SerializationError
 from ._wire.serialize import ExceptionEnvelope
@@ -130,13 +132,18 @@ class ProcessPoolExecutor(Executor):
         if self._pool is None:
             from ._pool import Pool
 
+            # Workers start as tasks call for them, as the standard library's
+            # do since 3.9, except with fork, which starts them all at once
+            # there too (forking later, from a process with threads, is unsafe).
             self._pool = Pool(
                 self._max_workers,
                 start_method=self._start_method,
                 max_tasks_per_worker=self._max_tasks_per_child,
                 initializer=self._initializer,
                 initargs=self._initargs,
+                start_on_demand=self._start_method != "fork",
             )
+            self._pool._error_hook = _recast
             # An executor dropped without shutdown() lets its tasks finish and
             # then closes its pool, as the standard library's does.
             self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
@@ -161,6 +168,17 @@ class ProcessPoolExecutor(Executor):
             pool.shutdown(wait=True)
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_pending=True)
+
+    @property
+    def _processes(self) -> dict[int, WorkerProcess]:
+        """The worker processes, by pid, as the standard library's private
+        ``_processes`` (code in the wild counts or kills them): a snapshot,
+        empty before the first ``submit``."""
+        with self._lock:
+            pool = self._pool
+        if pool is None:
+            return {}
+        return {p.pid: p for p in worker_processes(pool)}
 
     # -- concurrent.futures.Executor ---------------------------------------------------
 
@@ -240,6 +258,9 @@ class ProcessPoolExecutor(Executor):
             pool.shutdown(wait=wait)
 
 
+_recast = cause_as(_RemoteTraceback)
+
+
 def _exit_hook(ref: weakref.ref[ProcessPoolExecutor]) -> Callable[[], None]:
     """An atexit hook that holds its executor weakly."""
 
@@ -294,6 +315,7 @@ def _results(fs: list[Future[Any]], end_time: float | None, *, chunked: bool) ->
             while chunk:
                 yield chunk.pop()
             if error is not None:
+                _recast(error)
                 raise error
     finally:
         for future in fs:

@@ -35,11 +35,14 @@ _START_METHODS = ("fork", "forkserver", "spawn")
 class _TaskSink:
     """Connects a one-item Job to its Task (and the Task's ``cancel`` to the backend)."""
 
-    __slots__ = ("backend", "job", "task")
+    __slots__ = ("backend", "error_hook", "job", "task")
 
-    def __init__(self, task: Task[Any], backend: Backend) -> None:
+    def __init__(
+        self, task: Task[Any], backend: Backend, error_hook: ErrorHook | None = None
+    ) -> None:
         self.task = task
         self.backend = backend
+        self.error_hook = error_hook
         self.job: Job | None = None
 
     def stop(self) -> bool:
@@ -70,10 +73,15 @@ class _TaskSink:
             elif isinstance(error, CancelledError):
                 task._cancel_from_pool()
             else:
+                if self.error_hook is not None:
+                    self.error_hook(error)
                 task.set_exception(error)
         except InvalidStateError:
             pass  # cancelled meanwhile: the outcome has nowhere to go
 
+
+ErrorHook = Callable[[BaseException], None]
+"""Called with a task's exception before its Task gets it (see ``Pool._error_hook``)."""
 
 _NO_OPTIONS = Options()
 
@@ -190,6 +198,9 @@ class Pool:
         self._closed = False
         self._tokens: list[Any] = []
         self._lock = threading.Lock()
+        self._error_hook: ErrorHook | None = None
+        """The drop-ins' hook: it gives a task's exception the standard
+        library's traceback type as its cause, before any caller sees it."""
 
     @property
     def workers(self) -> int:
@@ -213,21 +224,44 @@ class Pool:
         tb: TracebackType | None,
     ) -> None:
         _scope.current.reset(self._tokens.pop())
-        if not self._tokens:
-            self.shutdown(wait=True, cancel_pending=exc_type is not None)
+        if self._tokens:
+            return
+        if exc_type is None:
+            self.shutdown(wait=True)
+        else:
+            self.terminate()
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
-        """Stop the pool; with ``wait``, after every submitted task has finished.
+        """Stop the pool; with ``wait``, after every task still to run has finished.
 
-        ``cancel_pending=True`` drops queued tasks (they raise
-        ``CancelledError``) and ends running ones at once. A second call does
-        nothing. Using the pool afterwards raises :class:`parfn.PoolClosed`.
+        ``cancel_pending=True`` cancels the tasks that have not started (they
+        raise ``CancelledError``) and lets running ones finish, as the
+        standard library's ``cancel_futures=True`` does. A second call does
+        nothing (unless it cancels). Using the pool afterwards raises
+        :class:`parfn.PoolClosed`.
         """
         with self._lock:
             if self._closed and not cancel_pending:
                 return
             self._closed = True
         self._backend.shutdown(wait, cancel_pending)
+
+    def terminate(self) -> None:
+        """Close the pool and end every task at once, running ones included.
+
+        Tasks not started and tasks running raise ``CancelledError``; the
+        process backend kills the workers running them (the thread backend
+        cannot stop a running thread: it runs on, unobserved). Returns once
+        the workers are gone. Leaving a ``with`` block by an exception does this.
+
+        >>> import parfn
+        >>> pool = parfn.Pool(1, backend="thread")
+        >>> pool.terminate()
+        >>> pool.terminate()  # again: nothing more to do
+        """
+        with self._lock:
+            self._closed = True
+        self._backend.shutdown(True, True, terminate=True)
 
     def _check_open(self) -> Backend:
         if self._closed:
@@ -256,7 +290,7 @@ class Pool:
         plain, options = _unwrap(fn)
         _check_call(plain, args, kwargs)
         task: Task[R] = Task()
-        sink = _TaskSink(task, backend)
+        sink = _TaskSink(task, backend, self._error_hook)
         sink.job = job = Job(plain, (args,), options, sink, kwargs=kwargs)
         if backend.can_stop_running:
             task._stopper = sink

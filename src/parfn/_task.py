@@ -182,6 +182,12 @@ class Task(Future[R]):
     def _cancel_from_pool(self) -> None:
         """The pool dropped or stopped this task (shutdown with cancel_pending)."""
         if super().cancel():
+            # Not started: tell concurrent.futures.wait and as_completed too
+            # (a pool that drops a task never starts it, which would).
+            with self._condition:
+                notify = self._state == CANCELLED
+            if notify:
+                self.set_running_or_notify_cancel()
             return
         with self._condition:
             if self._state != RUNNING:

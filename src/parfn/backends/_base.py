@@ -152,10 +152,14 @@ class Backend(Protocol):
         Returns True if the job was stopped while running or queued here."""
         ...
 
-    def shutdown(self, wait: bool, cancel_pending: bool) -> None:
-        """Stop: with ``wait``, after every submitted job has finished; with
-        ``cancel_pending``, queued jobs are dropped (their sinks get
-        ``CancelledError``) and running ones are ended. Idempotent."""
+    def shutdown(self, wait: bool, cancel_pending: bool, terminate: bool = False) -> None:
+        """Stop: with ``wait``, after every job still to run has finished.
+
+        ``cancel_pending``: the jobs not started yet are dropped (their sinks
+        get ``CancelledError``); running ones finish. ``terminate``: running
+        ones are ended too (their items get ``CancelledError``; a backend
+        that cannot stop a running item lets it go on unobserved).
+        Idempotent, except that a later call may cancel or terminate more."""
         ...
 
 

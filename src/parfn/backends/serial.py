@@ -47,5 +47,5 @@ class SerialBackend:
     def cancel(self, job: Job) -> bool:
         return False  # a job runs to its end inside submit()
 
-    def shutdown(self, wait: bool, cancel_pending: bool) -> None:
-        pass
+    def shutdown(self, wait: bool, cancel_pending: bool, terminate: bool = False) -> None:
+        pass  # nothing is ever queued or running once submit() returns

@@ -51,6 +51,7 @@ class ThreadBackend:
         )
         self._lock = threading.Lock()
         self._queued: set[_Run] = set()  # guarded by _lock
+        self._running: set[_Run] = set()  # guarded by _lock
 
     def submit(self, job: Job) -> None:
         n = len(job.items)
@@ -63,11 +64,19 @@ class ThreadBackend:
             self._executor.submit(self._run, run)
 
     def _run(self, run: _Run) -> None:
-        job = run.job
         with self._lock:
             if run not in self._queued:  # dropped by shutdown(cancel_pending=True)
                 return
             self._queued.discard(run)
+            self._running.add(run)
+        try:
+            self._run_items(run)
+        finally:
+            with self._lock:
+                self._running.discard(run)
+
+    def _run_items(self, run: _Run) -> None:
+        job = run.job
         if not job.sink.start():
             return
         timer = None
@@ -111,10 +120,20 @@ class ThreadBackend:
             self._queued -= runs
         return bool(runs)
 
-    def shutdown(self, wait: bool, cancel_pending: bool) -> None:
-        if cancel_pending:
-            with self._lock:
+    def shutdown(self, wait: bool, cancel_pending: bool, terminate: bool = False) -> None:
+        """Stop; see ``backends._base``. A thread cannot be stopped: with
+        ``terminate``, running items get ``CancelledError`` at once and their
+        threads run on to the end in the background, unwaited for."""
+        running: list[_Run] = []
+        with self._lock:
+            queued: set[_Run] = set()
+            if cancel_pending or terminate:
                 queued, self._queued = self._queued, set()
-            for run in queued:
+            if terminate:
+                running = list(self._running)
+        for run in queued:
+            fail_items(run.job, run.lo, run.hi, lambda i: CancelledError())
+        for run in running:
+            if self._take(run):
                 fail_items(run.job, run.lo, run.hi, lambda i: CancelledError())
-        self._executor.shutdown(wait=wait)
+        self._executor.shutdown(wait=wait and not terminate)

@@ -352,19 +352,25 @@ class DaskBackend:
             self._free_slot()
         return bool(queued or inflight)
 
-    def shutdown(self, wait: bool, cancel_pending: bool) -> None:
+    def shutdown(self, wait: bool, cancel_pending: bool, terminate: bool = False) -> None:
         """Stop; close the client and LocalCluster parfn started, never a user's.
 
-        Idempotent, except that a later call with ``cancel_pending`` still
-        cancels what an earlier one left running. Ctrl-C while waiting cancels
-        what is left at once.
+        ``cancel_pending`` drops the runs that wait here for a worker thread
+        (a cluster parfn did not start has none: Dask has them all, started
+        or not, and they finish); ``terminate`` cancels every run, and Dask
+        tasks already running go on unobserved. Idempotent, except that a
+        later call with ``cancel_pending`` or ``terminate`` still cancels what
+        an earlier one left. Ctrl-C while waiting cancels what is left at once.
         """
         with self._lock:
             first, self._closed = not self._closed, True
-        if not first and not cancel_pending:
+        if not first and not cancel_pending and not terminate:
             return
-        if cancel_pending:
+        if terminate:
             self._cancel_all()
+        elif cancel_pending:
+            self._cancel_queued()
+        cancel_pending = cancel_pending or terminate
         if wait and threading.current_thread() is self._collector.thread:
             wait = False  # called back from a delivery: waiting would wait for itself
         if not (wait or cancel_pending):
@@ -388,6 +394,14 @@ class DaskBackend:
             self._inflight.clear()
             self._queue.clear()
         self._cancel_futures(runs)
+        for run in runs:
+            self._fail(run.job, run.lo, run.hi, lambda i: CancelledError())
+
+    def _cancel_queued(self) -> None:
+        """Drop the runs that wait here for a worker thread; each item gets CancelledError."""
+        with self._lock:
+            runs = list(self._queue)
+            self._queue.clear()
         for run in runs:
             self._fail(run.job, run.lo, run.hi, lambda i: CancelledError())
 

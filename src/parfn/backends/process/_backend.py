@@ -29,6 +29,7 @@ from .._base import Job, available_cpus
 from ._deaths import account_for_exit, fail_everything, fail_pending, on_init_failed
 from ._dispatch import (
     cancel_everything,
+    cancel_queued,
     dispatch,
     idle_worker,
     prepare,
@@ -71,6 +72,7 @@ class ProcessPool(PoolState):
         max_tasks_per_worker: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        start_on_demand: bool = False,
     ) -> None:
         if start_method is None:
             start_method = default_start_method()
@@ -89,12 +91,15 @@ class ProcessPool(PoolState):
         )
         self._pid = os.getpid()
         sweep_stale()  # segments of processes killed before they could clean up
+        self.on_demand = start_on_demand
         register_pool(self)
         if start_method == "fork" and zygote_available():
             # Before the manager thread exists, from this thread, holding no
             # lock: the zygote, then the first workers (see _start, _zygote).
+            # Workers that start on demand come when work calls for them.
             open_zygote(self)
-            start_workers(self, self.workers)
+            if not start_on_demand:
+                start_workers(self, self.workers)
         self._manager = threading.Thread(target=self._manage, name="parfn-manager", daemon=True)
         self._manager.start()
 
@@ -223,16 +228,22 @@ class ProcessPool(PoolState):
             self._wake()
         return found
 
-    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
+    def shutdown(
+        self, wait: bool = True, cancel_pending: bool = False, terminate: bool = False
+    ) -> None:
+        """Stop; see ``backends._base``. ``cancel_pending`` drops the jobs not
+        started yet; ``terminate`` also kills the workers running the others."""
         if self._pid != os.getpid():
             return  # a child of os.fork(): the parent's pool is the parent's to shut down
         with self._lock:
             first = not self._closed
             self._closed = True
-            if cancel_pending:
+            if terminate:
                 cancel_everything(self)
+            elif cancel_pending:
+                cancel_queued(self)
         self._wake()
-        if not first and not cancel_pending and not wait:
+        if not first and not cancel_pending and not terminate and not wait:
             return
         if wait and threading.current_thread() is not self._manager:
             try:
@@ -244,6 +255,18 @@ class ProcessPool(PoolState):
                 self._wake()
                 self._manager.join(JOIN_TIMEOUT * 2)
                 raise
+
+    def processes(self) -> list[Any]:
+        """The worker processes now in service (``multiprocessing.Process`` objects).
+
+        Workers the pool lacks are started first (those the queue calls for,
+        when workers start on demand), so that the count is the one the
+        caller's submissions imply. A retiring worker (``max_tasks_per_worker``
+        reached) is left out. For the drop-ins' ``_processes`` and ``_pool``.
+        """
+        with self._lock:
+            replace_workers(self)
+            return [w.process for w in self._workers if not w.retiring and not w.died]
 
     def _pending_output(self) -> bool:
         return any(w.channel.out for w in self._workers)

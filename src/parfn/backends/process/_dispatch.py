@@ -34,6 +34,7 @@ __all__ = (
     "POOL_FUNCTIONS",
     "WORKER_FUNCTIONS",
     "cancel_everything",
+    "cancel_queued",
     "dispatch",
     "idle_worker",
     "prepare",
@@ -285,3 +286,21 @@ def cancel_everything(pool: PoolState) -> None:
             worker.kill_reason = ("shutdown", 0, -1)
             worker.process.kill()
     pool._stopping = True
+
+
+def cancel_queued(pool: PoolState) -> None:
+    """Drop the queued jobs that have not started. Caller holds ``_lock``.
+
+    A queued run of a job that started (a part of a map chunk requeued
+    after a crash, a run sent again item by item) stays: its job is running.
+    """
+    kept: deque[Work] = deque()
+    for work in pool._queue:
+        state = work.state
+        if state.cancelled:
+            continue
+        if state.started:
+            kept.append(work)
+        else:
+            pool._pending_failures.append((state.job, work.lo, work.hi, CancelledError))
+    pool._queue = kept

@@ -219,9 +219,17 @@ def replace_workers(pool: PoolState) -> None:
     if pool._stopping:
         return
     live = sum(1 for w in pool._workers if not w.retiring)
-    if live < pool.workers:
+    want = pool.workers
+    if pool.on_demand:
+        idle = sum(
+            1
+            for w in pool._workers
+            if w.batches == 0 and not w.retiring and not w.borrowed and w.kill_reason is None
+        )
+        want = min(want, live - idle + len(pool._queue))
+    if live < want:
         try:
-            start_workers(pool, pool.workers - live)
+            start_workers(pool, want - live)
         except _zygote.ZygoteGone as exc:
             _break(pool, str(exc))
             return

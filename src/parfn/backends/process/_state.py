@@ -143,6 +143,9 @@ class Worker:
 class PoolState:
     """The state a process pool's parts share; ``ProcessPool`` extends it.
 
+    ``on_demand``: start a worker only when queued work finds none idle (as
+    ``concurrent.futures`` does), up to ``workers``; else keep all running.
+
     The pool's other modules (``_start``, ``_dispatch``,
     ``_results``, ``_deaths``, ``_timeouts``) are free functions
     over this state, so that the hot paths read plain attributes of one object.
@@ -157,6 +160,8 @@ class PoolState:
     caller that gives back a borrowed worker that died puts it in
     ``_returned_dead`` (under ``_lock``), for the manager to account for.
     """
+
+    on_demand = False
 
     def __init__(
         self,

@@ -1,0 +1,99 @@
+"""What the drop-ins share: their pools' worker processes, and the standard
+library's traceback type as a task exception's cause.
+
+``parfn.ProcessPoolExecutor`` and ``parfn.multiprocessing.Pool`` show the
+worker processes of the parfn pool underneath as the standard library shows
+its own (``executor._processes``, ``pool._pool``: code in the wild reads
+them, to count workers or to kill one). Each is a :class:`WorkerProcess`,
+which stays safe to use after the pool has reaped the process.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._wire.errors import RemoteTraceback
+
+if TYPE_CHECKING:
+    from ._pool import ErrorHook, Pool
+
+__all__ = ("WorkerProcess", "cause_as", "worker_processes")
+
+
+class WorkerProcess:
+    """A worker process of a parfn pool: ``pid``, ``is_alive()``, ``join()``,
+    ``terminate()``, ``kill()``, ``exitcode``, as ``multiprocessing.Process``.
+
+    Killing one is what it is with parfn: the task it was running fails with
+    :class:`parfn.WorkerCrashed`, and the pool starts a replacement. Once the
+    pool has reaped the process, it is not alive, ``join()`` returns at once,
+    and ``terminate()``/``kill()`` do nothing (its pid may be another's by then).
+    """
+
+    __slots__ = ("_process", "name", "pid")
+
+    def __init__(self, process: Any) -> None:
+        self._process = process
+        self.pid: int = process.pid
+        self.name: str = process.name
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """``process.method(*args)``; None once the pool has closed the process."""
+        try:
+            return getattr(self._process, method)(*args)
+        except ValueError:  # "process object is closed": the pool reaped it
+            return None
+
+    def is_alive(self) -> bool:
+        return bool(self._call("is_alive"))
+
+    def join(self, timeout: float | None = None) -> None:
+        self._call("join", timeout)
+
+    def terminate(self) -> None:
+        self._call("terminate")
+
+    def kill(self) -> None:
+        self._call("kill")
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit code (negative: the signal), or None while it runs or once reaped."""
+        try:
+            code: int | None = self._process.exitcode
+        except ValueError:  # closed
+            return None
+        return code
+
+    @property
+    def sentinel(self) -> int:
+        return int(self._process.sentinel)
+
+    def __repr__(self) -> str:
+        state = "alive" if self.is_alive() else "stopped"
+        return f"<WorkerProcess pid={self.pid} {state}>"
+
+
+def worker_processes(pool: Pool) -> list[WorkerProcess]:
+    """The worker processes of ``pool`` now in service (none but the process backend's)."""
+    processes = getattr(pool._backend, "processes", None)
+    if processes is None:
+        return []
+    return [WorkerProcess(p) for p in processes()]
+
+
+def cause_as(cls: type[Exception]) -> ErrorHook:
+    """A ``Pool._error_hook`` that makes a task exception's cause a ``cls(tb)``.
+
+    A task's exception comes back with the worker's traceback text as its
+    ``__cause__`` (a :class:`parfn.RemoteTraceback`); the standard library's
+    pools use their own type for it, and code (CPython's tests among it)
+    checks that type.
+    """
+
+    def recast(exc: BaseException) -> None:
+        cause = exc.__cause__
+        if type(cause) is RemoteTraceback:
+            exc.__cause__ = cls(cause.tb)
+
+    return recast
