@@ -1,5 +1,5 @@
-"""What the drop-ins share: their pools' worker processes, and the standard
-library's traceback type as a task exception's cause.
+"""What the drop-ins share: their pools' worker processes, the standard
+library's traceback type as a task exception's cause, and the chunk runner.
 
 ``parfn.ProcessPoolExecutor`` and ``parfn.multiprocessing.Pool`` show the
 worker processes of the parfn pool underneath as the standard library shows
@@ -10,6 +10,8 @@ which stays safe to use after the pool has reaped the process.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._wire.errors import RemoteTraceback
@@ -17,7 +19,7 @@ from ._wire.errors import RemoteTraceback
 if TYPE_CHECKING:
     from ._pool import ErrorHook, Pool
 
-__all__ = ("WorkerProcess", "cause_as", "worker_processes")
+__all__ = ("WorkerProcess", "cause_as", "run_chunk", "worker_processes")
 
 
 class WorkerProcess:
@@ -97,3 +99,12 @@ def cause_as(cls: type[Exception]) -> ErrorHook:
             exc.__cause__ = cls(cause.tb)
 
     return recast
+
+
+def run_chunk(fn: Callable[..., Any], star: bool, chunk: list[Any]) -> list[Any]:
+    """Run in a worker: one chunk of a ``multiprocessing.Pool.map``, one task
+    as in the standard library. (Here, not with the pool: a worker imports
+    this light module only.)"""
+    if star:
+        return list(itertools.starmap(fn, chunk))
+    return list(map(fn, chunk))

@@ -236,14 +236,14 @@ class Pool:
 
         ``cancel_pending=True`` cancels the tasks that have not started (they
         raise ``CancelledError``) and lets running ones finish, as the
-        standard library's ``cancel_futures=True`` does. A second call does
-        nothing (unless it cancels). Using the pool afterwards raises
+        standard library's ``cancel_futures=True`` does. A second call only
+        waits (or cancels) if asked to. Using the pool afterwards raises
         :class:`parfn.PoolClosed`.
         """
         with self._lock:
-            if self._closed and not cancel_pending:
-                return
-            self._closed = True
+            again, self._closed = self._closed, True
+        if again and not cancel_pending and not wait:
+            return
         self._backend.shutdown(wait, cancel_pending)
 
     def terminate(self) -> None:

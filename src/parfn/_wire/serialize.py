@@ -23,7 +23,7 @@ import importlib
 import pickle
 import sys
 from collections.abc import Callable
-from types import TracebackType
+from types import MethodType, TracebackType
 from typing import Any
 
 from . import shm as _shm
@@ -206,6 +206,16 @@ def dump_function(fn: Callable[..., Any]) -> bytes:
     ref = _importable(fn)
     if ref is not None:
         return pickle.dumps((ref.module, ref.qualname), PROTOCOL)
+    if type(fn) is MethodType:
+        # A bound method (a classmethod included) of an importable class: by
+        # reference too, as pickle sends it, so that the worker runs the
+        # class's own code (its tracebacks show the source file and lines).
+        try:
+            data = pickle.dumps(fn, PROTOCOL)
+        except Exception:
+            data = _MAIN
+        if _MAIN not in data:
+            return data
     try:
         return bytes(_cloudpickle().dumps(fn, PROTOCOL))
     except Exception as exc:
