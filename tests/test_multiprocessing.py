@@ -58,7 +58,9 @@ def test_the_tutorials_programs_run_with_only_the_import_changed(
     assert main in source
     if method != "default":
         source = source.replace(
-            main, main + f"    import multiprocessing\n    multiprocessing.set_start_method({method!r})\n"
+            main,
+            main
+            + f"    import multiprocessing\n    multiprocessing.set_start_method({method!r})\n",
         )
     script = tmp_path / "tutorial.py"
     script.write_text(source)

@@ -210,9 +210,12 @@ class IMapIterator(Generic[T]):
     """The iterator of ``imap``: values in input order; ``next(timeout)`` as in
     the standard library (``multiprocessing.TimeoutError`` when it runs out)."""
 
+    _ordered = True
+
     def __init__(self, values: Iterator[T], guard: _Guard) -> None:
         self._values = values
         self._guard = guard
+        self._given = 0  # values returned so far
         self._queue: queue.SimpleQueue[tuple[bool, Any]] | None = None
         self._lock = threading.Lock()
 
@@ -239,15 +242,20 @@ class IMapIterator(Generic[T]):
     __next__ = next
 
     def _next(self) -> T:
+        guard = self._guard
+        if guard.error is not None and self._ordered and self._given >= guard.stop_at:
+            self._values = iter(())  # what was read of the failing chunk is dropped
         try:
-            return next(self._values)
+            value = next(self._values)
         except StopIteration:
-            error, self._guard.error = self._guard.error, None
+            error, guard.error = guard.error, None
             if error is not None:
                 raise error from None
             raise
         except Exception as exc:
             raise _as_stdlib_error(exc) from exc.__cause__
+        self._given += 1
+        return value
 
     def _pump(self) -> None:
         assert self._queue is not None
@@ -263,27 +271,37 @@ class IMapIterator(Generic[T]):
 class IMapUnorderedIterator(IMapIterator[T]):
     """The iterator of ``imap_unordered``: values in completion order."""
 
+    _ordered = False
+
 
 class _Guard:
     """Reads the caller's iterable for a lazy map; an exception it raises ends
     the input there, and is raised after the values before it (as the
     standard library's ``imap`` does)."""
 
-    def __init__(self, iterable: Iterable[Any]) -> None:
+    def __init__(self, iterable: Iterable[Any], chunksize: int) -> None:
         self._it = iter(iterable)
+        self._chunksize = max(1, chunksize)
+        self._read = 0
         self.error: BaseException | None = None
+        self.stop_at = 0
+        """How many values come before the error: those of the chunks before the
+        one it ended (the standard library drops that chunk's values)."""
 
     def __iter__(self) -> _Guard:
         return self
 
     def __next__(self) -> Any:
         try:
-            return next(self._it)
+            item = next(self._it)
         except StopIteration:
             raise
         except Exception as exc:
             self.error = exc
+            self.stop_at = self._read - self._read % self._chunksize
             raise StopIteration from None
+        self._read += 1
+        return item
 
 
 # -- the pool ----------------------------------------------------------------------------
@@ -488,7 +506,7 @@ class Pool:
     ) -> IMapIterator[T]:
         """Lazy ``map``, in input order, reading the input a bounded window ahead."""
         self._check_running()
-        guard = _Guard(iterable)
+        guard = _Guard(iterable, chunksize)
         return IMapIterator(self._parfn.imap(func, guard, chunksize=chunksize), guard)
 
     def imap_unordered(
@@ -496,7 +514,7 @@ class Pool:
     ) -> IMapUnorderedIterator[T]:
         """Lazy ``map`` in completion order."""
         self._check_running()
-        guard = _Guard(iterable)
+        guard = _Guard(iterable, chunksize)
         values = self._parfn.imap_unordered(func, guard, chunksize=chunksize)
         return IMapUnorderedIterator(values, guard)
 
