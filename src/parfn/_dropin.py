@@ -1,5 +1,6 @@
 """What the drop-ins share: their pools' worker processes, the standard
-library's traceback type as a task exception's cause, and the chunk runner.
+library's traceback type as a task exception's cause, and what their workers
+run (a chunk of a map, the thread caps).
 
 ``parfn.ProcessPoolExecutor`` and ``parfn.multiprocessing.Pool`` show the
 worker processes of the parfn pool underneath as the standard library shows
@@ -19,7 +20,7 @@ from ._wire.errors import RemoteTraceback
 if TYPE_CHECKING:
     from ._pool import ErrorHook, Pool
 
-__all__ = ("WorkerProcess", "cause_as", "run_chunk", "worker_processes")
+__all__ = ("WorkerProcess", "cap_threads", "cause_as", "run_chunk", "worker_processes")
 
 
 class WorkerProcess:
@@ -108,3 +109,29 @@ def run_chunk(fn: Callable[..., Any], star: bool, chunk: list[Any]) -> list[Any]
     if star:
         return list(itertools.starmap(fn, chunk))
     return list(map(fn, chunk))
+
+
+_NUMERIC = ("numpy", "scipy", "sklearn", "torch", "numexpr")
+
+
+def cap_threads(caps: dict[str, str]) -> None:
+    """Run in each worker as it starts (a pool initializer): cap its inner
+    thread pools (OpenMP, OpenBLAS, MKL, ...) by these environment variables.
+
+    A library loaded later reads them; one already loaded (inherited from a
+    parent that imported numpy before the worker was forked) is capped at
+    once through threadpoolctl, when it is installed (scikit-learn needs it).
+    """
+    import os
+    import sys
+
+    os.environ.update(caps)
+    if not any(name in sys.modules for name in _NUMERIC):
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - installed with scikit-learn
+        return
+    limits = [int(v) for k, v in caps.items() if k.endswith("_THREADS") and v.isdigit()]
+    if limits:
+        threadpool_limits(limits=min(limits))
