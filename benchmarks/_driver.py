@@ -28,7 +28,7 @@ from typing import Any
 
 import _systems
 from _systems import NotApplicable, System
-from _workloads import burn, echo, nap, noop, pipe_echo_server
+from _workloads import burn, echo, matmul, nap, noop, pipe_echo_server
 
 Result = dict[str, Any]
 
@@ -112,6 +112,16 @@ def cpu(system: System, p: dict[str, Any]) -> Result:
     items = [p["iterations"]] * p["tasks"]
     t0 = time.perf_counter()
     out = system.map(burn, items, None)
+    t1 = time.perf_counter()
+    assert len(out) == len(items) and len(set(out)) == 1, "wrong results"
+    return _ok([t1 - t0], "s")
+
+
+def numpy_batch(system: System, p: dict[str, Any]) -> Result:
+    items = [p["n"]] * p["tasks"]
+    system.map(matmul, items[:2], 1)  # warm-up: imports numpy in the workers
+    t0 = time.perf_counter()
+    out = system.map(matmul, items, None)
     t1 = time.perf_counter()
     assert len(out) == len(items) and len(set(out)) == 1, "wrong results"
     return _ok([t1 - t0], "s")
@@ -249,6 +259,7 @@ POOL_WORKLOADS: dict[str, Callable[[System, dict[str, Any]], Result]] = {
     "map": mapping,
     "map1": mapping,
     "cpu": cpu,
+    "numpy": numpy_batch,
     "array": array,
     "imap": imap,
 }

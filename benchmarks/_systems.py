@@ -165,6 +165,23 @@ class CfExecutor(_FutureExecutor):
         return ProcessPoolExecutor(max_workers=WORKERS)
 
 
+class ParfnExecutor(_FutureExecutor):
+    """parfn's drop-in ``ProcessPoolExecutor`` (its workers start on demand)."""
+
+    name, label, dist = "parfn-cf", "parfn.ProcessPoolExecutor", "parfn"
+    probe = "import parfn; parfn.ProcessPoolExecutor"
+    cold_code = (
+        "from parfn import ProcessPoolExecutor\n"
+        "with ProcessPoolExecutor(2) as ex:\n"
+        "    assert ex.submit(abs, -1).result() == 1\n"
+    )
+
+    def _make(self) -> Any:
+        from parfn import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(max_workers=WORKERS)
+
+
 class Loky(_FutureExecutor):
     name, label, dist = "loky", "loky", "loky"
     probe = "import loky"
@@ -189,13 +206,15 @@ class Joblib(System):
         "from joblib import Parallel, delayed\n"
         "assert Parallel(n_jobs=2)([delayed(abs)(-1)]) == [1]\n"
     )
+    backend: str | None = None
+    """joblib's backend (None: its default, loky)."""
 
     def start(self) -> None:
         import joblib
 
         self.joblib = joblib
         # A managed Parallel keeps its workers between calls: joblib's way to call repeatedly.
-        self.par: Any = joblib.Parallel(n_jobs=WORKERS)
+        self.par: Any = joblib.Parallel(n_jobs=WORKERS, backend=self.backend)
         self.par.__enter__()
 
     def apply(self, fn: Callable[[Any], Any], arg: Any) -> Any:
@@ -204,11 +223,12 @@ class Joblib(System):
     def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
         batch: Any = "auto" if chunksize is None else chunksize
         d = self.joblib.delayed(fn)
-        return list(self.joblib.Parallel(n_jobs=WORKERS, batch_size=batch)(d(x) for x in items))
+        par = self.joblib.Parallel(n_jobs=WORKERS, batch_size=batch, backend=self.backend)
+        return list(par(d(x) for x in items))
 
     def imap(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         d = self.joblib.delayed(fn)
-        par = self.joblib.Parallel(n_jobs=WORKERS, return_as="generator")
+        par = self.joblib.Parallel(n_jobs=WORKERS, return_as="generator", backend=self.backend)
         return iter(par(d(x) for x in items))
 
     def close(self) -> None:
@@ -216,6 +236,32 @@ class Joblib(System):
         from joblib.externals.loky import get_reusable_executor
 
         get_reusable_executor().shutdown(wait=True)
+
+
+class JoblibParfn(Joblib):
+    """The same ``Parallel`` calls as ``joblib``, on parfn's joblib backend."""
+
+    name, label, dist = "joblib-parfn", "joblib on parfn", "joblib"
+    probe = "import joblib, parfn.joblib"
+    cold_code = (
+        "import parfn.joblib\n"
+        "from joblib import Parallel, delayed\n"
+        "parfn.joblib.register()\n"
+        "assert Parallel(n_jobs=2, backend='parfn')([delayed(abs)(-1)]) == [1]\n"
+    )
+    backend = "parfn"
+
+    def start(self) -> None:
+        import parfn.joblib
+
+        parfn.joblib.register()
+        super().start()
+
+    def close(self) -> None:
+        import parfn.joblib
+
+        self.par.__exit__(None, None, None)
+        parfn.joblib.shutdown()
 
 
 class Pebble(System):
@@ -284,7 +330,8 @@ class Mpire(System):
 
 
 SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (Parfn, MpPool, CfExecutor, Loky, Joblib, Pebble, Mpire)
+    cls.name: cls
+    for cls in (Parfn, MpPool, CfExecutor, ParfnExecutor, Loky, Joblib, JoblibParfn, Pebble, Mpire)
 }
 """Every system, by its ``--systems`` name, in report order."""
 

@@ -39,6 +39,14 @@ def burn(iterations: int) -> int:
     return total
 
 
+def matmul(n: int) -> float:
+    """numpy work: the product of an ``n`` x ``n`` matrix with itself (BLAS threads)."""
+    import numpy as np
+
+    a = np.random.default_rng(n).random((n, n))
+    return float((a @ a).trace())
+
+
 def calibrate_burn(seconds: float, probe: int = 200_000) -> int:
     """How many :func:`burn` iterations take about ``seconds`` here (best of 3 probes)."""
     best = float("inf")

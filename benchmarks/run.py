@@ -87,6 +87,10 @@ WORKLOADS: dict[str, Workload] = {
             {"reps": 3, "tasks": 8, "seconds": 0.25},
         ),
         Workload(
+            "numpy", "{tasks} numpy products of {n}x{n} matrices (BLAS threads), `map`", "time",
+            "", {"reps": 1, "tasks": 16, "n": 600}, {"reps": 3, "tasks": 32, "n": 800},
+        ),
+        Workload(
             "array", "{mib} MiB float64 array: argument in, same array back", "time",
             "memcpy of the array (`np.copyto`)",
             {"reps": 1, "mib": 64, "round_trips": 1},
