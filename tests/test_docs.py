@@ -360,10 +360,16 @@ def test_reference_docstrings_become_markdown() -> None:
 # -- docstrings -------------------------------------------------------------------------
 
 
+OPTIONAL = {"parfn.joblib": "joblib"}
+"""Modules that need an extra, and the package each needs: left out where it is missing."""
+
+
 def _modules() -> list[str]:
     names = ["parfn"]
     for info in pkgutil.walk_packages(parfn.__path__, "parfn."):
-        names.append(info.name)
+        needs = OPTIONAL.get(info.name)
+        if needs is None or importlib.util.find_spec(needs) is not None:
+            names.append(info.name)
     return sorted(names)
 
 

@@ -347,3 +347,15 @@ def test_initializer_runs_in_each_worker() -> None:
     with Pool(2, funcs.initializer_sets, ("hello",)) as p:
         assert set(p.map(funcs.read_init, range(4))) == {"hello"}
         assert os.getpid() not in set(p.map(funcs.pid, range(4)))
+
+
+def test_imap_goes_on_past_an_item_that_raised(pool: Pool) -> None:
+    it = pool.imap(funcs.fail_on, range(5))
+    assert [next(it), next(it)] == [0, 1]
+    assert next(it) == 2
+    with pytest.raises(ValueError, match="bad item 3") as info:
+        next(it)
+    assert type(info.value.__cause__) is multiprocessing.pool.RemoteTraceback
+    assert next(it) == 4  # as the standard library's imap: the iteration goes on
+    with pytest.raises(StopIteration):
+        next(it)

@@ -16,11 +16,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._wire.errors import RemoteTraceback
+from ._wire.serialize import ExceptionEnvelope
 
 if TYPE_CHECKING:
     from ._pool import ErrorHook, Pool
 
-__all__ = ("WorkerProcess", "cap_threads", "cause_as", "run_chunk", "worker_processes")
+__all__ = (
+    "Raised",
+    "WorkerProcess",
+    "call_catching",
+    "cap_threads",
+    "cause_as",
+    "run_chunk",
+    "worker_processes",
+)
 
 
 class WorkerProcess:
@@ -109,6 +118,32 @@ def run_chunk(fn: Callable[..., Any], star: bool, chunk: list[Any]) -> list[Any]
     if star:
         return list(itertools.starmap(fn, chunk))
     return list(map(fn, chunk))
+
+
+class Raised:
+    """The exception an item raised, travelling as its value (see ``call_catching``)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The envelope carries the worker's traceback, and unpickles to the
+        # exception itself (or a RemoteError).
+        return (Raised, (ExceptionEnvelope(self.error),))
+
+
+def call_catching(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run in a worker: ``fn(*args)``, or the exception it raised as a :class:`Raised`.
+
+    For ``multiprocessing.Pool.imap``, whose iteration goes on past an item
+    that raised (parfn's own imap ends there).
+    """
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return Raised(exc)
 
 
 _NUMERIC = ("numpy", "scipy", "sklearn", "torch", "numexpr")

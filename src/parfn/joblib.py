@@ -5,6 +5,7 @@
 >>> with joblib.parallel_config(backend="parfn", n_jobs=2):
 ...     joblib.Parallel()(joblib.delayed(abs)(-x) for x in range(4))
 [0, 1, 2, 3]
+>>> parfn.joblib.shutdown()  # the pool kept for later calls (else: at exit)
 
 joblib's batches run as tasks of a parfn process pool (kept between
 ``Parallel`` calls, as loky's executor is, and shut down at exit):

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Future
 from typing import Any, Generic, TypeVar
 
-from ._dropin import WorkerProcess, cause_as, run_chunk, worker_processes
+from ._dropin import Raised, WorkerProcess, call_catching, cause_as, run_chunk, worker_processes
 from ._pool import Pool as _ParfnPool
 from ._wire.errors import SerializationError
 from .backends._base import available_cpus
@@ -255,6 +255,8 @@ class IMapIterator(Generic[T]):
         except Exception as exc:
             raise _as_stdlib_error(exc) from exc.__cause__
         self._given += 1
+        if isinstance(value, Raised):
+            raise _as_stdlib_error(value.error)
         return value
 
     def _pump(self) -> None:
@@ -507,7 +509,8 @@ class Pool:
         """Lazy ``map``, in input order, reading the input a bounded window ahead."""
         self._check_running()
         guard = _Guard(iterable, chunksize)
-        return IMapIterator(self._parfn.imap(func, guard, chunksize=chunksize), guard)
+        runner = functools.partial(call_catching, func)  # an item's error does not end it
+        return IMapIterator(self._parfn.imap(runner, guard, chunksize=chunksize), guard)
 
     def imap_unordered(
         self, func: Callable[[Any], T], iterable: Iterable[Any], chunksize: int = 1
@@ -515,7 +518,8 @@ class Pool:
         """Lazy ``map`` in completion order."""
         self._check_running()
         guard = _Guard(iterable, chunksize)
-        values = self._parfn.imap_unordered(func, guard, chunksize=chunksize)
+        runner = functools.partial(call_catching, func)
+        values = self._parfn.imap_unordered(runner, guard, chunksize=chunksize)
         return IMapUnorderedIterator(values, guard)
 
     # -- ending --------------------------------------------------------------------------
