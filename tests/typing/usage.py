@@ -18,6 +18,7 @@ from typing_extensions import assert_type
 
 import parfn
 from parfn import Parallel, Task, parallel
+from parfn.multiprocessing import Pool as MpPool
 
 # -- the two decorator forms ------------------------------------------------------------
 
@@ -107,6 +108,7 @@ with parfn.Pool(2) as pool:
     in_order: Iterator[float] = pool.imap(plain, range(3))
     assert_type(pool.workers, int)
     pool.shutdown(wait=True, cancel_pending=False)
+    pool.terminate()
 
 parfn.shutdown()
 assert_type(parfn.in_worker(), bool)
@@ -118,6 +120,15 @@ with parfn.ProcessPoolExecutor(2) as executor:
     assert_type(executor.submit(square, 3), Task[int])
     assert_type(executor.submit(plain, 3, y="a"), Task[float])
     assert_type(next(executor.map(plain, [1], timeout=10)), float)
+
+# -- the drop-in multiprocessing.Pool ----------------------------------------------------
+
+with MpPool(2) as mp_pool:
+    assert_type(mp_pool.map(square, [1]), list[int])
+    assert_type(mp_pool.apply(plain, (1,)), float)
+    assert_type(mp_pool.apply_async(plain, (1,)).get(timeout=1), float)
+    assert_type(mp_pool.map_async(square, [1]).get(), list[int])
+    assert_type(next(mp_pool.imap(square, [1])), int)
 
 # -- mistakes a type checker must report -------------------------------------------------
 
