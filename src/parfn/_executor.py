@@ -121,9 +121,6 @@ class ProcessPoolExecutor(Executor):
         self._exiting = False
         self._at_exit: Callable[[], None] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
-        # Tasks submitted and not yet collected, for shutdown(cancel_futures=True).
-        # The pool holds every task it has yet to finish, so a weak set loses none.
-        self._tasks: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
 
     # -- the pool underneath ---------------------------------------------------------
 
@@ -205,7 +202,6 @@ class ProcessPoolExecutor(Executor):
             task = Task()
             task.set_exception(exc)
             return task
-        self._tasks.add(task)
         return task
 
     def map(
@@ -247,15 +243,12 @@ class ProcessPoolExecutor(Executor):
             self._shutdown_called = True
             pool = self._pool
             at_exit, self._at_exit = self._at_exit, None
-            tasks = list(self._tasks) if cancel_futures else []
-        for task in tasks:
-            Future.cancel(task)  # not Task.cancel: a running task is left to finish
         if at_exit is not None:
             atexit.unregister(at_exit)
         if self._finalizer is not None:
             self._finalizer.detach()
         if pool is not None:
-            pool.shutdown(wait=wait)
+            pool.shutdown(wait=wait, cancel_pending=cancel_futures)
 
 
 _recast = cause_as(_RemoteTraceback)

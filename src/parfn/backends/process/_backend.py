@@ -241,6 +241,10 @@ class ProcessPool(PoolState):
             if terminate:
                 cancel_everything(self)
             elif cancel_pending:
+                # What a worker can take now starts (as the standard library's
+                # executor moves calls to its queue before it cancels the rest).
+                replace_workers(self)
+                dispatch(self)
                 cancel_queued(self)
         self._wake()
         if not first and not cancel_pending and not terminate and not wait:
