@@ -113,6 +113,69 @@ def test_an_exception_keeps_its_type_and_the_workers_traceback(ex: ProcessPoolEx
         task.result(timeout=T)
     assert info.value.args == ("missing",)
     assert "raise KeyError(key)" in str(info.value.__cause__)
+    # The standard library's type for the cause, as code (and CPython's tests) check it.
+    assert type(info.value.__cause__) is concurrent.futures.process._RemoteTraceback
+    assert "raise KeyError(key)" in info.value.__cause__.tb
+    with pytest.raises(ValueError) as in_map:
+        list(ex.map(funcs.fail_on, range(6), chunksize=3))
+    assert type(in_map.value.__cause__) is concurrent.futures.process._RemoteTraceback
+
+
+class _Traced:
+    @classmethod
+    def fail(cls) -> None:
+        raise RuntimeError(123)  # the line the traceback shows
+
+
+def test_a_classmethod_travels_by_reference_and_its_traceback_shows_its_source(
+    ex: ProcessPoolExecutor,
+) -> None:
+    with pytest.raises(RuntimeError) as info:
+        ex.submit(_Traced.fail).result(timeout=T)
+    assert "raise RuntimeError(123)  # the line the traceback shows" in str(info.value.__cause__)
+
+
+# -- the worker processes: _processes, started on demand ----------------------------------
+
+
+def test_processes_maps_pids_to_live_workers_started_on_demand() -> None:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(3, mp_context=context) as ex:
+        assert ex._processes == {}  # nothing submitted: no worker yet
+        for _ in range(3):  # one after another: the idle worker takes each
+            assert ex.submit(funcs.square, 2).result(timeout=T) == 4
+        workers = ex._processes
+        assert len(workers) == 1
+        ((pid, worker),) = workers.items()
+        assert worker.pid == pid and worker.is_alive()
+        assert ex.submit(funcs.pid).result(timeout=T) == pid
+        # Three at once: as many workers as the tasks need, up to max_workers.
+        tasks = [ex.submit(funcs.sleep_then, 0.5) for _ in range(5)]
+        assert len(ex._processes) == 3
+        for task in tasks:
+            task.result(timeout=T)
+    worker.join()  # safe once the executor reaped it
+    assert not worker.is_alive()
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_fork_starts_every_worker_at_once() -> None:
+    """As the standard library's executor does with fork: on the first submit."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as ex:
+        assert ex.submit(funcs.square, 2).result(timeout=T) == 4
+        assert len(ex._processes) == 2
+
+
+def test_killing_a_worker_through_processes_fails_only_its_task(ex: ProcessPoolExecutor) -> None:
+    task = ex.submit(funcs.sleep_then, 30)
+    wait_until_running(task)
+    pid = ex.submit(funcs.pid)  # the other worker, or the same one after it
+    for worker in ex._processes.values():
+        if worker.pid != pid.result(timeout=T):
+            worker.kill()
+    with pytest.raises(parfn.WorkerCrashed):
+        task.result(timeout=T)
+    assert ex.submit(funcs.square, 5).result(timeout=T) == 25
 
 
 def test_map_in_order(executor: ProcessPoolExecutor) -> None:
