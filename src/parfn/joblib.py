@@ -137,7 +137,8 @@ class ParfnBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
-        start_method = backend_kwargs.get("start_method", self.backend_kwargs.get("start_method"))
+        own = getattr(self, "backend_kwargs", {})  # (joblib before 1.3 has none)
+        start_method = backend_kwargs.get("start_method", own.get("start_method"))
         self._pool = _pool_for(n_jobs, self.thread_caps(n_jobs), start_method)
         return n_jobs
 
