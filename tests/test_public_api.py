@@ -73,3 +73,27 @@ def test_task_has_exactly_the_fields_of_a_future() -> None:
     assert tasks[2].cancel() and not tasks[2].set_running_or_notify_cancel()
     assert {t for t in as_completed(tasks, timeout=10)} == set(tasks)
     assert tasks[1].result(timeout=10) == 7
+
+
+def test_wait_for_the_first_exception_with_a_task_already_done() -> None:
+    """concurrent.futures.wait(FIRST_EXCEPTION) holds each future's lock while it
+    reads their cancelled() and exception(), which take it again: a Task's lock
+    must be reentrant, as a Future's is (a plain Lock hung here for ever)."""
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    tasks = [parfn.Task() for _ in range(3)]
+    tasks[0].set_result(1)
+    tasks[1].set_exception(ValueError("x"))
+    answer: list[object] = []
+    waiter = threading.Thread(
+        target=lambda: answer.append(wait(tasks, timeout=5, return_when=FIRST_EXCEPTION)),
+        daemon=True,
+    )
+    waiter.start()
+    waiter.join(10)
+    assert answer, "wait() hung"
+    done, not_done = answer[0]  # type: ignore[misc]
+    assert done == {tasks[0], tasks[1]} and not_done == {tasks[2]}
+    threading.Timer(0.05, tasks[2].set_result, (3,)).start()
+    assert wait(tasks[2:], timeout=10).done == {tasks[2]}  # a wait() that blocks still wakes

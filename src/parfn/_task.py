@@ -39,16 +39,18 @@ class Stopper(Protocol):
 
 
 class _Condition(threading.Condition):
-    """``threading.Condition(threading.Lock())``, three objects lighter.
+    """``threading.Condition(threading.RLock())``, three objects lighter.
 
-    A Condition binds its lock's ``acquire`` and ``release`` to itself, two
-    more objects per task for the garbage collector; here they are methods.
-    Its waiters' deque is made by the first ``wait``. A Future never takes
-    its own lock twice (nor may Task), so a plain Lock serves.
+    A Condition binds its lock's methods to itself, more objects per task
+    for the garbage collector; here they are methods. Its waiters' deque is
+    made by the first ``wait``. The lock is reentrant, as a Future's is:
+    ``concurrent.futures.wait(..., return_when=FIRST_EXCEPTION)`` holds every
+    future's lock while it calls their ``cancelled()`` and ``exception()``,
+    which take it again.
     """
 
     def __init__(self) -> None:  # no super().__init__(): it would bind them
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._waiters: deque[Any] = _NO_WAITERS
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
@@ -57,9 +59,19 @@ class _Condition(threading.Condition):
     def release(self) -> None:
         self._lock.release()
 
+    # What Condition.wait needs of a reentrant lock (it would bind these).
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
+
+    def _release_save(self) -> Any:
+        return self._lock._release_save()  # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+
     def notify_all(self) -> None:
         # The caller holds the lock (Future always does); with nobody waiting
-        # (a task's result is mostly read once it is done) there is nothing to do.
+        # (a task's result is mostly read after it is done) there is nothing to do.
         if self._waiters:
             super().notify_all()
 
@@ -147,7 +159,7 @@ class Task(Future[R]):
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until the task is done or ``timeout`` seconds pass; raises nothing."""
-        with self._condition:  # not reentrant: no done() inside
+        with self._condition:
             if self._state not in _DONE:
                 self._condition.wait(timeout)
 
