@@ -263,13 +263,14 @@ class ProcessPool(PoolState):
     def processes(self) -> list[Any]:
         """The worker processes now in service (``multiprocessing.Process`` objects).
 
-        Workers the pool lacks are started first (those the queue calls for,
-        when workers start on demand), so that the count is the one the
+        Workers an open pool lacks are started first (those the queue calls
+        for, when workers start on demand), so that the count is the one the
         caller's submissions imply. A retiring worker (``max_tasks_per_worker``
         reached) is left out. For the drop-ins' ``_processes`` and ``_pool``.
         """
         with self._lock:
-            replace_workers(self)
+            if not self._closed:
+                replace_workers(self)
             return [w.process for w in self._workers if not w.retiring and not w.died]
 
     def _pending_output(self) -> bool:
