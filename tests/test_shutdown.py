@@ -123,27 +123,7 @@ if __name__ == "__main__":
 """
 
 
-FORK_HANG = (
-    "issue 12 (not fixed on this branch's base): with start_method='fork' the pool's manager "
-    "thread forks its first worker while the script's main thread may be importing "
-    "(cloudpickle, to send nap): the worker inherits the import lock held, and hangs"
-)
-
-
-@pytest.mark.parametrize(
-    "method",
-    [
-        "default",
-        pytest.param(
-            "fork",
-            marks=pytest.mark.xfail(
-                reason=FORK_HANG, raises=subprocess.TimeoutExpired, strict=False
-            ),
-        ),
-        "forkserver",
-        "spawn",
-    ],
-)
+@pytest.mark.parametrize("method", ["default", "fork", "forkserver", "spawn"])
 def test_a_users_script(tmp_path: Path, method: str) -> None:
     code = SCRIPT
     if method != "default":

@@ -11,7 +11,10 @@ which stays safe to use after the pool has reaped the process.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import select
+import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +43,11 @@ class WorkerProcess:
     :class:`parfn.WorkerCrashed`, and the pool starts a replacement. Once the
     pool has reaped the process, it is not alive, ``join()`` returns at once,
     and ``terminate()``/``kill()`` do nothing (its pid may be another's by then).
+
+    The pool's handle is a ``multiprocessing.Process`` (spawn, forkserver) or
+    the zygote's worker handle (fork), whose ``sentinel`` is a pidfd: readable
+    once the worker has exited. Waiting here only reads that, never the
+    pool's own channels.
     """
 
     __slots__ = ("_process", "name", "pid")
@@ -47,30 +55,49 @@ class WorkerProcess:
     def __init__(self, process: Any) -> None:
         self._process = process
         self.pid: int = process.pid
-        self.name: str = process.name
+        self.name: str = getattr(process, "name", "parfn-worker")
 
-    def _call(self, method: str, *args: Any) -> Any:
-        """``process.method(*args)``; None once the pool has closed the process."""
+    def _exited(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` for the worker's end; True once it has ended (or been reaped)."""
         try:
-            return getattr(self._process, method)(*args)
-        except ValueError:  # "process object is closed": the pool reaped it
-            return None
+            fd = self._process.sentinel
+            if fd is None or fd < 0:
+                return True
+            ready, _, _ = select.select([fd], [], [], timeout)
+        except (OSError, ValueError):  # closed by the pool meanwhile: reaped
+            return True
+        return bool(ready)
 
     def is_alive(self) -> bool:
-        return bool(self._call("is_alive"))
+        is_alive = getattr(self._process, "is_alive", None)
+        if is_alive is None:
+            return not self._exited(0)
+        try:
+            return bool(is_alive())
+        except ValueError:  # "process object is closed": the pool reaped it
+            return False
 
     def join(self, timeout: float | None = None) -> None:
-        self._call("join", timeout)
+        self._exited(timeout)
+
+    def _signal(self, signum: int, method: str) -> None:
+        if not self.is_alive():
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if hasattr(self._process, "is_alive"):  # a multiprocessing.Process
+                getattr(self._process, method)()
+            else:  # the zygote's: its sentinel is a pidfd
+                signal.pidfd_send_signal(self._process.sentinel, signum)
 
     def terminate(self) -> None:
-        self._call("terminate")
+        self._signal(signal.SIGTERM, "terminate")
 
     def kill(self) -> None:
-        self._call("kill")
+        self._signal(signal.SIGKILL, "kill")
 
     @property
     def exitcode(self) -> int | None:
-        """The exit code (negative: the signal), or None while it runs or once reaped."""
+        """The exit code (negative: the signal); None while it runs, or until reaped."""
         try:
             code: int | None = self._process.exitcode
         except ValueError:  # closed

@@ -317,7 +317,8 @@ class Pool:
     ``maxtasksperchild``: replace a worker after it ran this many tasks.
     ``context``: a ``multiprocessing`` context, read for its start method only
     (default: the start method set with ``multiprocessing.set_start_method``,
-    else parfn's own, which never forks a process that has threads).
+    else parfn's own: on Linux, fork by the pool's zygote, which never forks a
+    process whose other threads may hold a lock).
     """
 
     def __init__(
@@ -356,8 +357,8 @@ class Pool:
             initargs=tuple(initargs),
         )
         self._parfn._error_hook = _recast
-        # Every worker starts now, as in the standard library: with fork, no
-        # later fork can copy a lock (an import's) that this thread takes next.
+        # Every worker starts now, as in the standard library (``_pool`` lists
+        # them at once).
         self._repopulate_pool()
         self._state = RUN
         # Dropped without close() or terminate(): its workers are ended, as

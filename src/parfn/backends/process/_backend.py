@@ -261,7 +261,8 @@ class ProcessPool(PoolState):
                 raise
 
     def processes(self) -> list[Any]:
-        """The worker processes now in service (``multiprocessing.Process`` objects).
+        """The worker processes now in service: ``multiprocessing.Process``
+        objects, or the zygote's handles (``pid``, a pidfd ``sentinel``, ``kill``).
 
         Workers an open pool lacks are started first (those the queue calls
         for, when workers start on demand), so that the count is the one the
