@@ -24,7 +24,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from concurrent.futures.process import _RemoteTraceback
 from itertools import islice
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -251,7 +250,21 @@ class ProcessPoolExecutor(Executor):
             pool.shutdown(wait=wait, cancel_pending=cancel_futures)
 
 
-_recast = cause_as(_RemoteTraceback)
+def _recast(error: BaseException) -> None:
+    """Give a task's exception the standard library's ``_RemoteTraceback`` cause.
+
+    ``concurrent.futures.process`` is imported on the first failure, not with
+    this module: it imports most of ``multiprocessing`` (~10 ms of a cold start).
+    """
+    global _recast_hook
+    if _recast_hook is None:
+        from concurrent.futures.process import _RemoteTraceback
+
+        _recast_hook = cause_as(_RemoteTraceback)
+    _recast_hook(error)
+
+
+_recast_hook: Callable[[BaseException], None] | None = None
 
 
 def _exit_hook(ref: weakref.ref[ProcessPoolExecutor]) -> Callable[[], None]:
