@@ -5,9 +5,12 @@
   worker may not be able to import), cloudpickle instead, which sends such
   things by value.
 * Functions: an importable module-level function travels by reference (the
-  worker imports it, and unwraps it if it is a ``Parallel``); lambdas,
-  closures and functions of ``__main__`` or a notebook travel by value with
-  cloudpickle.
+  worker imports it, and unwraps it if it is a ``Parallel``). A function that
+  has a name in a script's ``__main__`` travels by reference too: the worker
+  runs its own ``__main__``'s function of that name, with that module's
+  globals (an initializer's globals, ``pickle`` of the script's names), as
+  with ``multiprocessing``; see ``_from_main``. Lambdas, closures and the
+  functions of a notebook or ``python -c`` travel by value with cloudpickle.
 * Big buffers (numpy arrays' data, big bytes): with ``dumps(..., shm=...)``,
   through shared memory rather than the pipe; see ``shm``.
 * Exceptions: wrapped in an :class:`ExceptionEnvelope` that carries the
@@ -20,8 +23,10 @@ cloudpickle is imported on first need, to keep ``import parfn`` cheap.
 from __future__ import annotations
 
 import importlib
+import marshal
 import pickle
 import sys
+import types
 from collections.abc import Callable
 from types import MethodType, TracebackType
 from typing import Any
@@ -201,8 +206,13 @@ def resolve(module: str, qualname: str) -> Any:
     return obj
 
 
-def dump_function(fn: Callable[..., Any]) -> bytes:
-    """Serialize a function to send to workers: by reference when importable."""
+def dump_function(fn: Callable[..., Any], *, main_by_reference: bool = True) -> bytes:
+    """Serialize a function to send to workers: by reference when importable.
+
+    ``main_by_reference``: whether functions named in a script's ``__main__``
+    travel by reference (process workers, whose ``__main__`` is the script's);
+    False sends them by value (a Dask worker's ``__main__`` is not the user's).
+    """
     ref = _importable(fn)
     if ref is not None:
         return pickle.dumps((ref.module, ref.qualname), PROTOCOL)
@@ -217,6 +227,8 @@ def dump_function(fn: Callable[..., Any]) -> bytes:
         if _MAIN not in data:
             return data
     try:
+        if main_by_reference and _script_main() is not None:
+            return _dumps_with(_ScriptPickler, fn)
         return bytes(_cloudpickle().dumps(fn, PROTOCOL))
     except Exception as exc:
         raise SerializationError(_cannot_pickle(fn, "the function", exc)) from exc
@@ -234,6 +246,187 @@ def load_function(data: bytes) -> Callable[..., Any]:
     if not callable(obj):
         raise TypeError(f"{obj!r} is not callable")
     return obj  # type: ignore[no-any-return]
+
+
+# -- functions of a script's __main__ ---------------------------------------------
+
+
+def _script_main() -> types.ModuleType | None:
+    """``__main__`` when it is a script (``python script.py``, ``python -m``), else None.
+
+    A notebook, the REPL and ``python -c`` have no file: a worker cannot have
+    their functions, whose definitions may also change from cell to cell.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or not getattr(main, "__file__", None) or hasattr(sys, "ps1"):
+        return None
+    return main
+
+
+def _named_in_main(fn: Any, main: types.ModuleType) -> bool:
+    """True if ``fn`` is the function ``__main__`` names by its qualified name."""
+    qualname = getattr(fn, "__qualname__", "")
+    if "<" in qualname:
+        return False
+    obj: Any = main
+    try:
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return False
+    return obj is fn or getattr(obj, "__wrapped__", None) is fn
+
+
+def _dumps_with(pickler_type: Any, obj: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    pickler_type(buf, protocol=PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+_MAIN_GLOBALS = "parfn:__main__"
+"""The persistent id of a script's ``__main__`` globals, in a function sent by value."""
+
+
+def _pickler_base() -> Any:
+    return _cloudpickle().Pickler
+
+
+class _LazyPickler:
+    """Makes the cloudpickle-based picklers on first use (cloudpickle loads lazily)."""
+
+    def __init__(self, build: Callable[[Any], Any]) -> None:
+        self.build = build
+        self.made: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.made is None:
+            self.made = self.build(_pickler_base())
+        return self.made(*args, **kwargs)
+
+
+def _build_by_value_pickler(base: Any) -> Any:
+    class ByValueIntoMain(base):  # type: ignore[misc]
+        """cloudpickle, but a ``__main__`` function's globals are the worker's ``__main__``.
+
+        Names the function uses that the worker's ``__main__`` lacks (defined
+        after the worker started, or inside the ``__main__`` guard) are added
+        to it; names it has keep their value there (``_setstate_into_main``).
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            main = sys.modules["__main__"]
+            self._main_globals: dict[str, Any] = {}
+            self.globals_ref[id(main.__dict__)] = self._main_globals
+
+        def persistent_id(self, obj: Any) -> str | None:
+            return _MAIN_GLOBALS if obj is self._main_globals else None
+
+        def _dynamic_function_reduce(self, func: Any) -> Any:
+            reduced = super()._dynamic_function_reduce(func)
+            if func.__globals__ is sys.modules["__main__"].__dict__:
+                return (*reduced[:5], _setstate_into_main)
+            return reduced
+
+    return ByValueIntoMain
+
+
+def _build_script_pickler(base: Any) -> Any:
+    class ScriptPickler(base):  # type: ignore[misc]
+        """cloudpickle, with the script's named functions sent by reference (``_from_main``)."""
+
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is types.FunctionType and obj.__module__ == "__main__":
+                main = sys.modules["__main__"]
+                if _named_in_main(obj, main):
+                    try:
+                        fallback: bytes | None = _dumps_with(_ByValuePickler, obj)
+                    except Exception:
+                        fallback = None  # it uses something unpicklable: by reference only
+                    code = marshal.dumps(obj.__code__)
+                    return (_from_main, (obj.__qualname__, code, fallback))
+            return super().reducer_override(obj)
+
+    return ScriptPickler
+
+
+_ByValuePickler = _LazyPickler(_build_by_value_pickler)
+_ScriptPickler = _LazyPickler(_build_script_pickler)
+
+
+class _IntoMainUnpickler(pickle.Unpickler):
+    def persistent_load(self, pid: Any) -> Any:
+        if pid == _MAIN_GLOBALS:
+            return _script_globals(sys.modules["__main__"])
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+def _script_globals(main: types.ModuleType) -> dict[str, Any]:
+    """The globals the script's own functions run with, in this process.
+
+    ``__main__``'s dict, except where spawn and forkserver imported the
+    script: ``multiprocessing`` runs it with ``runpy.run_path``, whose
+    functions keep the globals of that run, of which ``__main__``'s dict is
+    only a copy.
+    """
+    for value in list(main.__dict__.values()):
+        if type(value) is types.FunctionType and value.__module__ == main.__name__:
+            return value.__globals__
+    return main.__dict__
+
+
+def _setstate_into_main(fn: Any, state: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """cloudpickle's ``_function_setstate``, but the globals the worker's
+    ``__main__`` already has keep their value there."""
+    from cloudpickle import cloudpickle as cp
+
+    target = fn.__globals__
+    slotstate = dict(state[1])
+    slotstate["__globals__"] = {
+        k: v for k, v in slotstate["__globals__"].items() if k not in target
+    }
+    builtins = target.get("__builtins__")
+    cp._function_setstate(fn, (state[0], slotstate))
+    if builtins is not None:
+        target["__builtins__"] = builtins
+
+
+def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
+    """In a worker: the function ``__main__`` names ``qualname``, if it has the same code.
+
+    The worker's ``__main__`` is the script (a forked copy of the caller's, or
+    the script imported anew as ``__mp_main__`` by spawn and forkserver), so the
+    function runs with the worker's globals, as with ``multiprocessing``.
+    Otherwise (defined after the worker started, inside the ``__main__``
+    guard, or changed since) it is loaded by value, with the worker's
+    ``__main__`` as its globals, and given that name there if it is free.
+    """
+    main = sys.modules["__main__"]
+    found: Any = main
+    try:
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        if getattr(found, "_parfn_parallel", False):
+            found = found.__wrapped__
+        if type(found) is types.FunctionType and found.__code__ == marshal.loads(code):
+            return found
+    except Exception:
+        pass
+    if fallback is None:
+        raise LookupError(
+            f"__main__ has no function {qualname!r} here, and it could not be sent by value "
+            "(it uses something that cannot be pickled): define it at the top level of the "
+            "script, outside the `if __name__ == '__main__':` block"
+        )
+    import io
+
+    fn = _IntoMainUnpickler(io.BytesIO(fallback)).load()
+    if "." not in qualname:
+        fn.__globals__.setdefault(qualname, fn)
+        main.__dict__.setdefault(qualname, fn)
+    return fn
 
 
 # -- exceptions ---------------------------------------------------------------

@@ -56,7 +56,7 @@ class FunctionPickles:
             if hit is not None and hit[0]() is fn:
                 self._data.move_to_end(key)
                 return hit[1]
-        data = dump_function(fn)
+        data = dump_function(fn, main_by_reference=False)
         try:
             ref = weakref.ref(fn)
         except TypeError:
