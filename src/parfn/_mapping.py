@@ -83,12 +83,15 @@ class MapRun:
         chunksize: int | None,
         progress: object,
         desc: str,
+        reopen: Callable[[], Backend | None] | None = None,
     ) -> None:
         if chunksize is not None and (
             isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
         ):
             raise ValueError(f"chunksize must be an int >= 1 or None, not {chunksize!r}")
         self.backend = backend
+        # The default pool's: where to go on if ``parfn.shutdown()`` closes it mid-map.
+        self.reopen = reopen
         self.fn = fn
         self.options = options
         self.items = items
@@ -178,12 +181,25 @@ class MapRun:
         self.held += n
         chunk.job = Job(self.fn, batch, self.options, chunk, star=self.star)
         try:
-            self.backend.submit(chunk.job)
+            self._submit(chunk.job)
         except Exception as exc:
             if not (len(batch) == 1 and _is_item_error(exc)):
                 raise
             chunk.deliver(0, [None], {0: exc}, 0.0)
         return chunk
+
+    def _submit(self, job: Job) -> None:
+        from ._wire.errors import PoolClosed
+
+        while True:
+            try:
+                self.backend.submit(job)
+                return
+            except PoolClosed:
+                backend = None if self.reopen is None else self.reopen()
+                if backend is None:
+                    raise
+                self.backend = backend  # the rest of the map runs on the new default pool
 
     def _next_size(self) -> int:
         if self.chunksize is not None:

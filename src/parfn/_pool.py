@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -196,11 +197,15 @@ class Pool:
         self.backend_name = backend
         self._backend: Backend = load(backend, workers, **options)
         self._closed = False
+        self._pid = os.getpid()  # the child of a user's os.fork() cannot use it
         self._tokens: list[Any] = []
         self._lock = threading.Lock()
         self._error_hook: ErrorHook | None = None
         """The drop-ins' hook: it gives a task's exception the standard
         library's traceback type as its cause, before any caller sees it."""
+        # Set on the default pool (by ``_runtime``): the pool that replaced
+        # it after ``parfn.shutdown()``, for calls that raced that shutdown.
+        self._successor: Callable[[], Pool | None] | None = None
 
     @property
     def workers(self) -> int:
@@ -244,7 +249,8 @@ class Pool:
             again, self._closed = self._closed, True
         if again and not cancel_pending and not wait:
             return
-        self._backend.shutdown(wait, cancel_pending)
+        if os.getpid() == self._pid:  # a forked child must not stop its parent's workers
+            self._backend.shutdown(wait, cancel_pending)
 
     def terminate(self) -> None:
         """Close the pool and end every task at once, running ones included.
@@ -261,12 +267,28 @@ class Pool:
         """
         with self._lock:
             self._closed = True
-        self._backend.shutdown(True, True, terminate=True)
+        if os.getpid() == self._pid:  # a forked child must not stop its parent's workers
+            self._backend.shutdown(True, True, terminate=True)
 
     def _check_open(self) -> Backend:
         if self._closed:
             raise PoolClosed(f"{self!r} is shut down; start a new pool to run more tasks")
+        if os.getpid() != self._pid:
+            raise PoolClosed(
+                f"{self!r} was made in process {self._pid}; this process is a child of "
+                "os.fork(), which has none of that pool's threads or workers: make a new "
+                "pool here (decorated functions called outside any `with` block use a "
+                "default pool of this process's own)"
+            )
         return self._backend
+
+    def _replacement(self) -> Pool | None:
+        """The default pool that replaced this one, if this one was the default."""
+        return None if self._successor is None else self._successor()
+
+    def _replacement_backend(self) -> Backend | None:
+        replacement = self._replacement()
+        return None if replacement is None else replacement._backend
 
     # -- single calls ----------------------------------------------------------------
 
@@ -286,6 +308,8 @@ class Pool:
     def _submit(
         self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], wait: bool
     ) -> Task[R]:
+        if self._closed and (replacement := self._replacement()) is not None:
+            return replacement._submit(fn, args, kwargs, wait)
         backend = self._check_open()
         plain, options = _unwrap(fn)
         _check_call(plain, args, kwargs)
@@ -302,6 +326,11 @@ class Pool:
                 submit_and_wait(job)
             else:
                 backend.submit(job)
+        except PoolClosed:
+            # Shut down since the check above; nothing was queued.
+            if (replacement := self._replacement()) is None:
+                raise
+            return replacement._submit(fn, args, kwargs, wait)
         except KeyboardInterrupt:
             task.cancel()
             raise
@@ -320,6 +349,10 @@ class Pool:
         chunksize: int | None,
         progress: object,
     ) -> MapRun:
+        if self._closed and (replacement := self._replacement()) is not None:
+            return replacement._run(
+                fn, items, star, total, ordered=ordered, chunksize=chunksize, progress=progress
+            )
         backend = self._check_open()
         plain, options = _unwrap(fn)
         items = _checked_first(plain, items, star)
@@ -335,6 +368,7 @@ class Pool:
             chunksize=chunksize,
             progress=progress,
             desc=name,
+            reopen=None if self._successor is None else self._replacement_backend,
         )
 
     @overload

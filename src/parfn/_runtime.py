@@ -7,13 +7,16 @@ Which pool a decorated function uses:
 
 1. the innermost ``with parfn.Pool(...)`` block of this context (a
    ``contextvars`` variable: other threads are not taken over);
-2. inside a worker process, a serial pool: a nested ``.apply``/``.map`` runs in
-   that worker, so it can never wait for a worker that waits for it;
+2. inside a worker process, or a task of a thread pool or of Dask, a serial
+   pool: a nested ``.apply``/``.map`` runs in that worker or thread, so it can
+   never wait for a worker that waits for it;
 3. otherwise the default pool, started on first use (anew in a child of
    the user's ``os.fork()``: the parent's pool is the parent's).
 
 No lock of this module is held while a pool starts: a process pool forks
-its zygote then, and the zygote would inherit the lock held.
+its zygote then, and the zygote would inherit the lock held. A call that
+raced ``parfn.shutdown()`` in another thread goes to the new default pool,
+never fails with ``PoolClosed`` (``_successor``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ _default: Pool | None = None
 _default_pid = 0  # the process the default pool belongs to
 _in_worker_pool: Pool | None = None
 _hooked = False
+_exiting = False
 
 
 def in_worker() -> bool:
@@ -58,7 +62,7 @@ def current_pool() -> Pool:
     if pool is not None:
         return pool
     global _in_worker_pool
-    if in_worker():
+    if in_worker() or _scope.in_thread_task.get():
         with _lock:
             if _in_worker_pool is None:
                 from ._pool import Pool
@@ -85,6 +89,7 @@ def _start_default() -> Pool:
         from ._pool import Pool
 
         pool = Pool()  # forks, holding _starting only (reset in the child)
+        pool._successor = lambda: _successor(pool)
         with _lock:
             _default, _default_pid = pool, os.getpid()
         return pool
@@ -97,6 +102,15 @@ def _after_fork_in_child() -> None:
     _lock._at_fork_reinit()  # type: ignore[attr-defined]
     _starting._at_fork_reinit()  # type: ignore[attr-defined]
     _default, _default_pid = None, 0
+
+
+def _successor(old: Pool) -> Pool | None:
+    """The default pool that replaced ``old`` once ``shutdown()`` closed it, or
+    None if ``old`` was closed otherwise (at exit, or still the default)."""
+    with _lock:
+        if old is _default or _exiting:
+            return None
+    return current_pool()
 
 
 def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
@@ -117,4 +131,7 @@ def _at_exit() -> None:
 
     (Other open process pools are shut down by the process backend's exit hook.)
     """
+    global _exiting
+    _exiting = True
     shutdown()
+

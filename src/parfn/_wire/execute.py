@@ -31,6 +31,7 @@ def run_items(
     *,
     star: bool = True,
     kwargs: dict[str, Any] | None = None,
+    interrupts: bool = False,
 ) -> tuple[list[Any], dict[int, BaseException], float]:
     """Run ``fn`` on ``items[lo:hi]`` (see ``Job``); each item fails alone.
 
@@ -39,8 +40,15 @@ def run_items(
     after ``retries`` more tries. ``status`` (a process worker's status slot,
     float64) gets each item's index as it starts and, when ``timed``, its
     start time. A SystemExit raised by the function is its outcome, as in
-    ``concurrent.futures``; KeyboardInterrupt is not caught.
+    ``concurrent.futures``. So is a KeyboardInterrupt when ``interrupts``:
+    where it cannot be the user's Ctrl-C (a worker process ignores SIGINT, and
+    only the main thread gets it), it is the function's own, as the standard
+    library's pools return it; elsewhere (the serial backend, in the caller)
+    it is not caught.
     """
+    caught: tuple[type[BaseException], ...] = (
+        (Exception, SystemExit, KeyboardInterrupt) if interrupts else (Exception, SystemExit)
+    )
     values: list[Any] = []
     errors: dict[int, BaseException] = {}
     start = time.perf_counter()
@@ -58,7 +66,7 @@ def run_items(
             try:
                 values.extend(apply(fn, calls[done:] if done else calls))
                 break
-            except (Exception, SystemExit) as exc:
+            except caught as exc:
                 errors[lo + len(values)] = exc
                 values.append(None)
                 done = len(values)
@@ -74,7 +82,7 @@ def run_items(
                 status[SLOT_INDEX] = i
             try:
                 value = fn(*args, **kw)
-            except (Exception, SystemExit) as exc:
+            except caught as exc:
                 if attempt == retries:
                     append(None)
                     errors[i] = exc

@@ -5,6 +5,11 @@ stopped from outside, so a ``timeout`` fails the item with ``TaskTimeout`` at
 its deadline while the thread runs on to the end in the background (its late
 result is dropped, and a timed-out item is not retried), and ``cancel()`` of a
 running task returns False.
+
+A task's nested calls (a decorated function's ``.map`` inside it) run in the
+task's own thread, on this pool's side of the fence: never on a new process
+pool, and never queued behind the task itself, so they cannot deadlock
+however many tasks nest at once (see ``_scope.in_thread_task``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
+from .. import _scope
 from .._wire.errors import TaskTimeout
 from .._wire.execute import run_items
 from ._base import Job, available_cpus, fail_items
@@ -85,15 +91,20 @@ class ThreadBackend:
             timer = threading.Timer(timeout, self._expire, (run, timeout))
             timer.daemon = True
             timer.start()
-        values, errors, elapsed = run_items(
-            job.fn,
-            job.items,
-            run.lo,
-            run.hi,
-            job.options.retries,
-            star=job.star,
-            kwargs=job.kwargs,
-        )
+        inside = _scope.in_thread_task.set(True)  # nested calls run in this thread
+        try:
+            values, errors, elapsed = run_items(
+                job.fn,
+                job.items,
+                run.lo,
+                run.hi,
+                job.options.retries,
+                star=job.star,
+                kwargs=job.kwargs,
+                interrupts=True,
+            )
+        finally:
+            _scope.in_thread_task.reset(inside)
         if timer is not None:
             timer.cancel()
         if self._take(run):

@@ -37,6 +37,7 @@ __all__ = (
     "cancel_queued",
     "dispatch",
     "idle_worker",
+    "items_left",
     "prepare",
     "send",
     "send_direct",
@@ -143,6 +144,9 @@ def send_direct(pool: PoolState, work: Work) -> bool:
     worker = idle_worker(pool)
     if worker is None:
         return False
+    room = items_left(pool, worker)
+    if room is not None and room < work.hi - work.lo:
+        return False  # more items than it may still run: the queue splits them
     if start_work(work):
         send(pool, worker, [work])
     return True
@@ -178,6 +182,7 @@ def send(pool: PoolState, worker: Worker, works: list[Work]) -> None:
                 _forget_item_times(pool)
         work.run_id = next(pool._run_ids)
         worker.runs[work.run_id] = work
+        worker.items_sent += work.hi - work.lo
         if state.job.options.timeout is not None:
             pool._timed += 1
         runs.append(
@@ -197,6 +202,8 @@ def send(pool: PoolState, worker: Worker, works: list[Work]) -> None:
             frames.append(encode(Forget(forgotten)))
     frames.append(encode(Batch(runs)))
     worker.batches += 1
+    if pool._max_tasks is not None and worker.items_sent >= pool._max_tasks:
+        worker.retiring = True  # it has all the items it may run: no new work
     worker.channel.send(frames)
 
 
@@ -246,7 +253,7 @@ def dispatch(pool: PoolState) -> None:
                 continue
             if depth == 1 and not _is_fast(pool, worker):
                 continue
-            works = _take(pool, len(queue))
+            works = _take(pool, len(queue), items_left(pool, worker))
             if works:
                 send(pool, worker, works)
 
@@ -256,20 +263,38 @@ def _is_fast(pool: PoolState, worker: Worker) -> bool:
     return all(item_time.get(w.state.fn_id, 1.0) < FAST_ITEM for w in worker.runs.values())
 
 
-def _take(pool: PoolState, queued: int) -> list[Work]:
-    """The next batch from the queue: several fast items, or one. Caller holds ``_lock``."""
+def items_left(pool: PoolState, worker: Worker) -> int | None:
+    """How many more items ``worker`` may be sent (``max_tasks_per_worker``); None: no bound."""
+    if pool._max_tasks is None:
+        return None
+    return max(0, pool._max_tasks - worker.items_sent)
+
+
+def _take(pool: PoolState, queued: int, room: int | None = None) -> list[Work]:
+    """The next batch from the queue: several fast items, or one, and at most
+    ``room`` items in all (a run bigger than what is left is split). Caller
+    holds ``_lock``."""
     queue = pool._queue
     item_time = pool._item_time
     works: list[Work] = []
     limit = max(1, min(MAX_COALESCE, queued // max(1, 2 * len(pool._workers))))
-    while queue and len(works) < limit:
+    while queue and len(works) < limit and (room is None or room > 0):
         work = queue[0]
         if not start_work(work):
             queue.popleft()
             continue
         if works and item_time.get(work.state.fn_id, 1.0) >= FAST_ITEM:
             break
+        n = work.hi - work.lo
+        if room is not None and n > room:
+            # Split: the first ``room`` items go now, the rest stay at the head.
+            head = Work(work.state, work.lo, work.lo + room, work.retries, work.crashes)
+            work.lo += room
+            works.append(head)
+            break
         works.append(queue.popleft())
+        if room is not None:
+            room -= n
         if item_time.get(work.state.fn_id, 1.0) >= FAST_ITEM:
             break
     return works

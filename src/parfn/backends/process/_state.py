@@ -107,6 +107,7 @@ class Worker:
         "died",
         "fns",
         "items_run",
+        "items_sent",
         "kill_reason",
         "process",
         "retiring",
@@ -125,6 +126,7 @@ class Worker:
         # The function ids it holds, least recently used first (see _dispatch.send).
         self.fns: OrderedDict[int, None] = OrderedDict()
         self.items_run = 0
+        self.items_sent = 0  # items of every run sent to it (max_tasks_per_worker counts these)
         self.retiring = False  # max_tasks_per_worker reached: no new work
         self.kill_reason: tuple[str, int, int] | None = None  # (why, run id, item index)
         self.borrowed = False  # a caller talks to it directly (see _talk)

@@ -219,7 +219,16 @@ class _Worker:
             )
 
         values, raised, elapsed = run_items(
-            fn, items, run.lo, run.hi, run.retries, status, run.timed, star=star, kwargs=kwargs
+            fn,
+            items,
+            run.lo,
+            run.hi,
+            run.retries,
+            status,
+            run.timed,
+            star=star,
+            kwargs=kwargs,
+            interrupts=True,
         )
         status[SLOT_JOB] = 0.0
         errors = {i: ExceptionEnvelope(exc) for i, exc in raised.items()}
