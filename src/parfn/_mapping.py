@@ -233,6 +233,10 @@ class MapRun:
         if errors:
             chunk.errors.update(errors)
         chunk.remaining -= n
+        if not chunk.remaining:
+            # Done: let go of the job (its function and input; it and the
+            # chunk refer to each other) now, not at the next garbage collection.
+            chunk.job = None
         if elapsed > 0 and n:
             per_item = elapsed / n
             self.per_item = per_item if self.per_item is None else 0.5 * (self.per_item + per_item)

@@ -6,11 +6,14 @@ to workers that can take them: idle workers first, then a second batch to
 workers running fast items, several fast runs coalesced into one Batch.
 
 The function tables are bounded, for a program that makes a new closure per
-call: the pool remembers the ``POOL_FUNCTIONS`` functions it pickled last
-(a job carries its own pickled function, so forgetting one only costs a new
-id if it comes again), and a worker holds at most ``WORKER_FUNCTIONS``: past
-that, the parent tells it to forget the least recently used ones that no run
-in flight on it uses.
+call: the pool remembers the ``POOL_FUNCTIONS`` functions it pickled last,
+and no more than ``FUNCTION_BYTES`` of them (a job carries its own pickled
+function, so forgetting one only costs a new id if it comes again; a
+function that is gone leaves the table by identity at once), and a worker
+holds at most ``WORKER_FUNCTIONS``, and ``FUNCTION_BYTES`` of their pickled
+data: past that, the parent tells it to forget the least recently used ones
+that no run in flight on it uses. So a closure over big data made in a loop
+is let go, in the parent and in the workers, once newer ones push it out.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ._state import JobState, PickledFunction, PoolState, Work, Worker
 
 __all__ = (
     "FAST_ITEM",
+    "FUNCTION_BYTES",
     "MAX_COALESCE",
     "POOL_FUNCTIONS",
     "WORKER_FUNCTIONS",
@@ -52,6 +56,10 @@ POOL_FUNCTIONS = 256
 WORKER_FUNCTIONS = 256
 """How many functions a worker holds; past that it forgets the least recently
 used, down to three quarters of this (one Forget per 64 new functions)."""
+FUNCTION_BYTES = 64 << 20
+"""How many bytes of pickled functions the pool's table, and each worker,
+hold at most (past that, the least recently used go, down to three quarters;
+the newest function always stays)."""
 
 
 # -- pickling a job (in the caller's thread) ----------------------------------------------
@@ -99,15 +107,36 @@ def pickled_function(pool: PoolState, fn: Callable[..., Any]) -> PickledFunction
             by_data.move_to_end(data)
         else:
             function = by_data[data] = PickledFunction(data)
-            if len(by_data) > POOL_FUNCTIONS:
-                by_data.popitem(last=False)
+            pool._fn_bytes += len(data)
+            while len(by_data) > 1 and (
+                len(by_data) > POOL_FUNCTIONS or pool._fn_bytes > FUNCTION_BYTES
+            ):
+                _, old = by_data.popitem(last=False)
+                pool._fn_bytes -= len(old.data)
         if len(pool._fn_cache) >= POOL_FUNCTIONS:
             pool._fn_cache = {}  # a fresh dict: readers keep the old one
         # A weak reference: the cache must not keep a bound method's
-        # object alive. What cannot be weakly referenced is pickled anew.
+        # object alive, and the entry goes when the function does (with
+        # the pickled bytes it holds). What cannot be weakly referenced is
+        # pickled anew.
         with contextlib.suppress(TypeError):
-            pool._fn_cache[id(fn)] = (weakref.ref(fn), function)
+            key = id(fn)
+            pool._fn_cache[key] = (weakref.ref(fn, _forgetter(pool, key)), function)
     return function
+
+
+def _forgetter(pool: PoolState, key: int) -> Callable[[Any], None]:
+    """A weakref callback: drop ``key`` from the pool's cache when its function dies."""
+    pool_ref = weakref.ref(pool)
+
+    def forget(ref: Any) -> None:
+        alive = pool_ref()
+        if alive is not None:
+            hit = alive._fn_cache.get(key)
+            if hit is not None and hit[0] is ref:
+                alive._fn_cache.pop(key, None)
+
+    return forget
 
 
 def _pack_good_items(job: Job) -> tuple[bytes, dict[int, str]]:
@@ -175,7 +204,8 @@ def send(pool: PoolState, worker: Worker, works: list[Work]) -> None:
         if state.fn_id in fns:
             fns.move_to_end(state.fn_id)
         else:
-            fns[state.fn_id] = None
+            fns[state.fn_id] = len(state.function.data)
+            worker.fn_bytes += len(state.function.data)
             frames.append(encode(Define(state.fn_id, state.function.data)))
             # Every new function adds an item time: bound them here too.
             if len(pool._item_time) > 2 * WORKER_FUNCTIONS * len(pool._workers):
@@ -196,7 +226,7 @@ def send(pool: PoolState, worker: Worker, works: list[Work]) -> None:
                 state.job.options.timeout is not None,
             )
         )
-    if len(fns) > WORKER_FUNCTIONS:
+    if len(fns) > WORKER_FUNCTIONS or (worker.fn_bytes > FUNCTION_BYTES and len(fns) > 1):
         forgotten = _forget_functions(worker)
         if forgotten:
             frames.append(encode(Forget(forgotten)))
@@ -209,19 +239,23 @@ def send(pool: PoolState, worker: Worker, works: list[Work]) -> None:
 
 def _forget_functions(worker: Worker) -> list[int]:
     """Drop ``worker``'s least recently used functions, down to three quarters
-    of ``WORKER_FUNCTIONS``, but none that a run in flight on it uses (the
-    Batch being sent included): the worker reads every frame as it comes, and
-    runs a Batch later. The ids dropped. Caller holds ``_lock``."""
+    of ``WORKER_FUNCTIONS`` and of ``FUNCTION_BYTES``, but none that a run in
+    flight on it uses (the Batch being sent included): the worker reads every
+    frame as it comes, and runs a Batch later. The ids dropped. Caller holds
+    ``_lock``."""
     in_use = {work.state.fn_id for work in worker.runs.values()}
-    excess = len(worker.fns) - WORKER_FUNCTIONS * 3 // 4
+    count, size = len(worker.fns), worker.fn_bytes
     forgotten: list[int] = []
-    for fn_id in worker.fns:
-        if len(forgotten) == excess:
+    for fn_id, fn_size in worker.fns.items():
+        if count <= WORKER_FUNCTIONS * 3 // 4 and size <= FUNCTION_BYTES * 3 // 4:
             break
         if fn_id not in in_use:
             forgotten.append(fn_id)
+            count -= 1
+            size -= fn_size
     for fn_id in forgotten:
         del worker.fns[fn_id]
+    worker.fn_bytes = size
     return forgotten
 
 

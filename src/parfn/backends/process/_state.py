@@ -105,6 +105,7 @@ class Worker:
         "borrowed",
         "channel",
         "died",
+        "fn_bytes",
         "fns",
         "items_run",
         "items_sent",
@@ -123,8 +124,10 @@ class Worker:
         self.status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
         self.runs: OrderedDict[int, Work] = OrderedDict()  # in flight, in send order
         self.batches = 0  # Batch frames sent and not yet answered
-        # The function ids it holds, least recently used first (see _dispatch.send).
-        self.fns: OrderedDict[int, None] = OrderedDict()
+        # The function ids it holds, least recently used first, and the size of
+        # each one's pickled data (see _dispatch.send).
+        self.fns: OrderedDict[int, int] = OrderedDict()
+        self.fn_bytes = 0  # their sizes, added up
         self.items_run = 0
         self.items_sent = 0  # items of every run sent to it (max_tasks_per_worker counts these)
         self.retiring = False  # max_tasks_per_worker reached: no new work
@@ -189,6 +192,7 @@ class PoolState:
         # Pickled bytes -> function, least recently pickled first: equal
         # functions (a closure made anew over the same values) share one id.
         self._fn_by_data: OrderedDict[bytes, PickledFunction] = OrderedDict()
+        self._fn_bytes = 0  # the sizes of the keys of _fn_by_data, added up
         self._fn_cache: dict[int, tuple[Any, PickledFunction]] = {}  # id(fn) -> (weakref, it)
         self._item_time: dict[int, float] = {}  # fn_id -> seconds per item, smoothed
         self._closed = False
