@@ -1,0 +1,134 @@
+"""Scripts shaped like users' code, written to files and run as ``python script.py``.
+
+The matrix (``tests/user_scripts.py``): how the function is defined (an
+importable module, the script, a lambda, a closure, a bound method, a
+partial) x where the call comes from (the main thread, user threads, asyncio,
+a nested call inside a task, the child of the user's ``os.fork()``, and after
+that fork) x start method (the default, fork, forkserver, spawn) x entry point
+(the decorator, ``parfn.Pool``, ``parfn.ProcessPoolExecutor``). One child
+Python per start method and entry point prints one line per case; a case that
+hangs is ended by the script's watchdog and named here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from . import user_scripts
+from .conftest import child_env
+
+START_METHODS = ["default", "fork", "forkserver", "spawn"]
+ENTRIES = ["decorator", "pool", "executor"]
+
+
+def run_script(
+    tmp_path: Path, text: str, *args: str, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """Write ``text`` as ``script.py`` (with ``helpers.py`` beside it) and run it."""
+    (tmp_path / "helpers.py").write_text(user_scripts.HELPERS)
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+        check=False,
+    )
+
+
+def case_lines(out: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """``{case: outcome}`` from the script's output; a case that started and
+    never finished fails here, by name, with the watchdog's tracebacks."""
+    started: list[str] = []
+    outcomes: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "start":
+            started.append(rest)
+        elif word == "case":
+            name, _, outcome = rest.partition(" ")
+            outcomes[name] = outcome
+    hung = [name for name in started if name not in outcomes]
+    assert not hung, f"hung in {hung} (the watchdog ended it):\n{out.stderr[-6000:]}"
+    assert out.returncode == 0, f"exit code {out.returncode}:\n{out.stderr[-6000:]}"
+    return outcomes
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_matrix(tmp_path: Path, start_method: str, entry: str) -> None:
+    sm = None if start_method == "default" else start_method
+    out = run_script(tmp_path, user_scripts.MATRIX.format(sm=sm, entry=entry))
+    outcomes = case_lines(out)
+    assert "end" in out.stdout.splitlines(), out.stderr[-6000:]
+    definitions = ["module", "script", "lambda", "closure", "method", "partial"]
+    sites = ["main", "threads", "asyncio", "nested", "fork-child/main", "after-fork/main"]
+    expected = {f"{site}/{d}" for site in sites for d in definitions} | {"fork-parent/wait"}
+    assert set(outcomes) == expected
+    wrong = {name: outcome for name, outcome in outcomes.items() if outcome != "ok"}
+    assert not wrong, f"{len(wrong)} of {len(outcomes)} cases failed: {wrong}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_scripts_functions_see_the_workers_main(tmp_path: Path, start_method: str) -> None:
+    """Items 4 and 5: the initializer's globals, pickle of the script's names,
+    for functions named in the script, defined in the guard, or after the pool."""
+    sm = None if start_method == "default" else start_method
+    out = run_script(tmp_path, user_scripts.WORLD.format(sm=sm))
+    outcomes = case_lines(out)
+    assert set(outcomes) == {
+        "pool/script",
+        "pool/decorated",
+        "pool/in-guard",
+        "pool/late",
+        "pool/apply",
+        "executor/script",
+    }
+    wrong = {name: outcome for name, outcome in outcomes.items() if outcome != "ok"}
+    assert not wrong, wrong
+
+
+@pytest.mark.timeout(300)
+def test_counting_nesting_interrupts_shutdown_and_fork(tmp_path: Path) -> None:
+    """Items 6 and 8, a task's KeyboardInterrupt, threads racing
+    ``parfn.shutdown()``, and the default pool in the child of ``os.fork()``."""
+    out = run_script(tmp_path, user_scripts.ITEMS.format())
+    outcomes = case_lines(out)
+    assert "end" in out.stdout.splitlines(), out.stderr[-6000:]
+    assert set(outcomes) == {
+        "max-tasks/map",
+        "max-tasks/chunks",
+        "max-tasks/spawn",
+        "max-tasks/executor",
+        "thread-nested",
+        "keyboard-interrupt",
+        "shutdown-race",
+        "user-fork",
+    }
+    wrong = {name: outcome for name, outcome in outcomes.items() if outcome != "ok"}
+    assert not wrong, wrong
+
+
+@pytest.mark.timeout(300)
+def test_closures_over_big_data_are_let_go(tmp_path: Path) -> None:
+    """Item 9: 16 rounds of a closure over 32 MB of fresh data. The tables
+    keep a few (64 MiB of functions), not all: from the 4th round on neither
+    the parent nor a worker grows (the old code grew both by ~32 MB a round)."""
+    out = run_script(tmp_path, user_scripts.MEMORY, "16", "32")
+    assert out.returncode == 0, out.stderr[-6000:]
+    sizes = {}
+    for line in out.stdout.splitlines():
+        who, first, last = line.split()
+        sizes[who] = (int(first), int(last))
+    for who in ("parent", "worker"):
+        first, last = sizes[who]
+        assert last - first < 100, f"the {who} grew from {first} MB to {last} MB"
