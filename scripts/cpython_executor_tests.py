@@ -19,6 +19,15 @@ parfn tested is always this repository's ``src/``)::
     python scripts/cpython_executor_tests.py --against parfn -k test_deadlock -k Spawn
     python scripts/cpython_executor_tests.py --report-only -v     # the last results again
 
+With ``--one-process``, the tests of each start method (every class of that
+method, from all six modules, in order) run in one child process, as CPython's
+own test runner runs them: what a test leaves behind (workers, threads, the
+forkserver, module state) meets the tests after it, and a hang ends that child
+and the rest goes on in a new one. Its results go to ``{side}-one-process.json``::
+
+    python scripts/cpython_executor_tests.py --against both --one-process
+    python scripts/cpython_executor_tests.py --against parfn --one-process -k Fork
+
 How it runs: each test class runs in a child process of its own, and each test
 in it under a watchdog (``faulthandler.dump_traceback_later(exit=True)``): a
 hang ends that child, is recorded as ``timeout``, and the class goes on in a
@@ -157,6 +166,11 @@ BY_DESIGN: dict[str, str] = {
     "test_deadlock.test_shutdown_deadlock_pickle": PRIVATE.format(attrs="_executor_manager_thread"),
 }
 
+ONE_PROCESS = "*"
+"""The ``--class`` of a child that runs tests of several classes (``--one-process``)."""
+START_METHOD_CLASSES = ("Forkserver", "Fork", "Spawn")
+"""How a class's name says its start method (Forkserver before Fork: it contains it)."""
+
 FIXTURE_TIMEOUT = 60.0
 """Seconds the class and module fixtures between and after tests may take."""
 OUTCOME_PASS = ("pass", "flaky")
@@ -283,10 +297,17 @@ class EventResult(unittest.TestResult):
 def child_main(args: argparse.Namespace) -> int:
     if args.against == "parfn":
         install_parfn()
-    module_name, class_name = args.cls.rsplit(".", 1)
-    module = importlib.import_module(f"{PACKAGE}.{module_name}")
-    cls = getattr(module, class_name)
-    suite = unittest.TestSuite(cls(name) for name in args.tests.split(","))
+    if args.cls == ONE_PROCESS:  # tests named "module.Class.test", of any class
+        suite = unittest.TestSuite()
+        for test_id in args.tests.split(","):
+            module_name, class_name, name = test_id.split(".")
+            module = importlib.import_module(f"{PACKAGE}.{module_name}")
+            suite.addTest(getattr(module, class_name)(name))
+    else:
+        module_name, class_name = args.cls.rsplit(".", 1)
+        module = importlib.import_module(f"{PACKAGE}.{module_name}")
+        cls = getattr(module, class_name)
+        suite = unittest.TestSuite(cls(name) for name in args.tests.split(","))
     with open(args.events, "a", encoding="utf-8") as events:
         result = EventResult(events, args.test_timeout)
         result._arm()
@@ -371,6 +392,8 @@ def run_class(
             for line in events_path.read_text(encoding="utf-8").splitlines():
                 record = json.loads(line)
                 name = record["test"].rsplit(".", 1)[-1]
+                if cls == ONE_PROCESS and record["event"] != "fixture-error":
+                    name = record["test"].removeprefix(PACKAGE + ".")  # module.Class.test
                 if record["event"] == "start":
                     started = name
                 elif record["event"] == "end":
@@ -406,25 +429,42 @@ def run_class(
     return results
 
 
+def by_start_method(classes: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The tests of ``classes``, as "module.Class.test", grouped by start method
+    (for ``--one-process``); a class of no one start method is a group of its own."""
+    groups: dict[str, list[str]] = {}
+    for cls, tests in classes.items():
+        name = cls.split(".")[1]
+        method = next((m for m in START_METHOD_CLASSES if m in name), name)
+        groups.setdefault(method.lower(), []).extend(f"{cls}.{t}" for t in tests)
+    return groups
+
+
 def run_side(against: str, args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     classes = discover(args.k)
+    if args.one_process:
+        # Each group is one "class" whose tests are full ids: one child runs them all.
+        classes = {ONE_PROCESS + group: ids for group, ids in by_start_method(classes).items()}
+    suffix = "-one-process" if args.one_process else ""
     total = sum(len(v) for v in classes.values())
-    print(f"[{against}] {total} tests in {len(classes)} classes; log: {out / (against + '.log')}")
+    log_path = out / f"{against}{suffix}.log"
+    print(f"[{against}] {total} tests in {len(classes)} groups; log: {log_path}")
     results: dict[str, Any] = {}
     notes: list[str] = []
     started = time.monotonic()
-    with open(out / f"{against}.log", "w", encoding="utf-8") as log:
+    with open(out / f"{against}{suffix}.log", "w", encoding="utf-8") as log:
         for cls, tests in classes.items():
             t0 = time.monotonic()
-            got = run_class(against, cls, tests, out, args.test_timeout, log, notes)
+            child_cls = ONE_PROCESS if args.one_process else cls
+            got = run_class(against, child_cls, tests, out, args.test_timeout, log, notes)
             # A failure gets a second try; a hang does not (it is never acceptable).
             bad = [t for t in tests if got[t]["outcome"] in ("fail", "error")]
             for _ in range(args.reruns):
                 if not bad:
                     break
-                again = run_class(against, cls, bad, out, args.test_timeout, log, notes)
+                again = run_class(against, child_cls, bad, out, args.test_timeout, log, notes)
                 for t in bad:
                     got[t]["first"] = dict(got[t])
                     if again[t]["outcome"] in OUTCOME_PASS:
@@ -432,7 +472,7 @@ def run_side(against: str, args: argparse.Namespace) -> dict[str, Any]:
                         got[t]["detail"] = "passed on the second try; first: " + got[t]["detail"]
                 bad = [t for t in bad if got[t]["outcome"] in ("fail", "error")]
             for t in tests:
-                results[f"{cls}.{t}"] = got[t]
+                results[t if args.one_process else f"{cls}.{t}"] = got[t]
             counts = _count(got[t]["outcome"] for t in tests)
             print(f"[{against}] {cls}: {counts} ({time.monotonic() - t0:.0f}s)", flush=True)
     data = {
@@ -444,7 +484,7 @@ def run_side(against: str, args: argparse.Namespace) -> dict[str, Any]:
         "notes": notes,
         "tests": results,
     }
-    previous = load(out / f"{against}.json")
+    previous = load(out / f"{against}{suffix}.json")
     if args.k and previous is not None:
         # A selection updates the last full run's results in place.
         previous["tests"].update(results)
@@ -453,7 +493,7 @@ def run_side(against: str, args: argparse.Namespace) -> dict[str, Any]:
         previous["notes"] = [*kept, *notes]
         previous["updated"] = f"{data['date']} ({' '.join(args.k)})"
         data = previous
-    (out / f"{against}.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    (out / f"{against}{suffix}.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     return data
 
 
@@ -587,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where results (JSON) and logs go",
     )
     parser.add_argument("--report-only", action="store_true", help="print the last results")
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run the tests of each start method in one process (not one per class)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks of failures")
     # The child's own arguments.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -599,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     if sys.version_info[:2] != (3, 13):
         print(f"note: these are CPython 3.13's tests; this is Python {sys.version.split()[0]}")
     sides = ("stdlib", "parfn") if args.against == "both" else (args.against,)
+    suffix = "-one-process" if args.one_process else ""
     data: dict[str, dict[str, Any] | None] = {
-        s: load(args.out / f"{s}.json") for s in ("stdlib", "parfn")
+        s: load(args.out / f"{s}{suffix}.json") for s in ("stdlib", "parfn")
     }
     if not args.report_only:
         for side in sides:
