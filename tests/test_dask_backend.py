@@ -141,6 +141,21 @@ def test_apply_spawn_await_map_starmap(pool: parfn.Pool) -> None:
     assert pool.map(square, []) == []
 
 
+@parallel
+def cube(x: int) -> int:
+    return x * x * x
+
+
+def nested_cubes(n: int) -> tuple[list[int], int, bool]:
+    """A task's own decorated calls: they run in the task, on the Dask worker."""
+    return cube.map(range(n)), cube.spawn(2).result(timeout=T), parfn.in_worker()
+
+
+def test_nested_calls_run_inside_the_dask_task(pool: parfn.Pool) -> None:
+    # More nested maps than the cluster has threads; none starts a process pool there.
+    assert pool.map(nested_cubes, [3] * 6) == [([0, 1, 8], 8, False)] * 6
+
+
 def test_imap_and_imap_unordered(pool: parfn.Pool) -> None:
     assert list(pool.imap(square, range(50), chunksize=3)) == [x * x for x in range(50)]
     assert sorted(pool.imap_unordered(square, range(50))) == [x * x for x in range(50)]

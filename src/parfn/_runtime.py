@@ -62,7 +62,7 @@ def current_pool() -> Pool:
     if pool is not None:
         return pool
     global _in_worker_pool
-    if in_worker() or _scope.in_thread_task.get():
+    if in_worker() or _scope.in_task.get():
         with _lock:
             if _in_worker_pool is None:
                 from ._pool import Pool

@@ -9,7 +9,7 @@ running task returns False.
 A task's nested calls (a decorated function's ``.map`` inside it) run in the
 task's own thread, on this pool's side of the fence: never on a new process
 pool, and never queued behind the task itself, so they cannot deadlock
-however many tasks nest at once (see ``_scope.in_thread_task``).
+however many tasks nest at once (see ``_scope.in_task``).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class ThreadBackend:
             timer = threading.Timer(timeout, self._expire, (run, timeout))
             timer.daemon = True
             timer.start()
-        inside = _scope.in_thread_task.set(True)  # nested calls run in this thread
+        inside = _scope.in_task.set(True)  # nested calls run in this thread
         try:
             values, errors, elapsed = run_items(
                 job.fn,
@@ -104,7 +104,7 @@ class ThreadBackend:
                 interrupts=True,
             )
         finally:
-            _scope.in_thread_task.reset(inside)
+            _scope.in_task.reset(inside)
         if timer is not None:
             timer.cancel()
         if self._take(run):

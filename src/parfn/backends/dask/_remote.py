@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ... import _scope
 from ..._wire.errors import RemoteError, SerializationError
 from ..._wire.execute import run_items
 from ..._wire.serialize import (
@@ -103,6 +104,7 @@ def _run_here(fn_data: bytes, payload: bytes, loaded: Callable[[], None]) -> byt
     except SerializationError as exc:
         return _failed(wrap_exception(exc), True)
     loaded()
+    inside = _scope.in_task.set(True)  # nested calls run here, in this task
     try:
         values, errors, elapsed = run_items(fn, items, 0, len(items), 0, star=star, kwargs=kwargs)
     except BaseException as exc:  # SystemExit and the like: must not end the caller
@@ -113,6 +115,8 @@ def _run_here(fn_data: bytes, payload: bytes, loaded: Callable[[], None]) -> byt
             "it is a BaseException that ends a task rather than standing in for its result",
         )
         return _failed(failure, False)
+    finally:
+        _scope.in_task.reset(inside)
     raised = {i: wrap_exception(e) for i, e in errors.items()}
     try:
         return dumps((values, raised, {}, elapsed, None, False), "the result")
