@@ -190,3 +190,30 @@ def test_items_sent_again_one_by_one_keep_their_function(
     assert isinstance(out[2], parfn.SerializationError)
     assert out[:2] + out[3:] == [11, 12, 14, 15, 16, 17, 18]
     check_bounded(process_pool)
+
+
+def make_holder(data: bytes) -> Callable[[int], int]:
+    def holder(x: int) -> int:
+        return len(data) + x
+
+    return holder  # a closure over big data: its pickled bytes are that big
+
+
+def test_the_tables_are_bounded_in_bytes_too(
+    process_pool: parfn.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_dispatch, "FUNCTION_BYTES", 3 << 20)
+    backend: Any = process_pool._backend
+    for i in range(12):  # 1 MB closures: 4 fit the bound at the most
+        assert process_pool.map(make_holder(bytes([i]) * (1 << 20)), [0, 1]) == [
+            1 << 20,
+            1 + (1 << 20),
+        ]
+        assert backend._fn_bytes <= 3 << 20
+        assert len(backend._fn_by_data) <= 3
+        # A dead closure leaves the identity cache at once, with its pickled bytes.
+        assert len(backend._fn_cache) <= 1
+    for worker in backend._workers:
+        assert worker.fn_bytes <= (3 << 20) + (1 << 21) and len(worker.fns) <= 4
+    for loaded, broken in each_worker_tables(process_pool):
+        assert loaded + broken <= 5  # (and the probe itself)
