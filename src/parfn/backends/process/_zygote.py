@@ -143,13 +143,15 @@ class Zygote:
         """Fork the zygote now, from this thread. Call it before the pool's
         threads exist, holding no lock of parfn's."""
         _forksafe.prepare()
-        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}  # pid -> exit code, reported and not yet joined
         self._gone = False
         owner = os.getpid()
         _flush_std_streams()  # as multiprocessing does before it forks
         with start_lock:  # parent_fds is complete: no pool's pipe is half made
+            # Made under the lock too: another pool's zygote, forked from
+            # another thread, must not keep a copy of either end.
+            ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
             self._fd = ours.detach()
             parent_fds.add(self._fd)
             with warnings.catch_warnings():
@@ -163,7 +165,7 @@ class Zygote:
                     _serve(theirs, owner, init, initargs)
                 finally:
                     os._exit(70)
-        theirs.close()
+            theirs.close()
         self.pid = pid
 
     def fork_workers(self, n: int) -> list[tuple[ForkedWorker, Fd, mmap.mmap]]:
@@ -184,12 +186,12 @@ class Zygote:
                     continue
                 pid, fds = record
                 conn, slot_fd, pidfd = fds
-                with start_lock:
-                    parent_fds.update((conn, pidfd))
                 try:
                     slot = mmap.mmap(slot_fd, SLOT_BYTES)
                 finally:
-                    os.close(slot_fd)
+                    with start_lock:
+                        parent_fds.discard(slot_fd)
+                        os.close(slot_fd)
                 started.append((ForkedWorker(self, pid, pidfd), Fd(conn), slot))
         return started
 
@@ -215,19 +217,28 @@ class Zygote:
     def _receive(self, timeout: float | None) -> tuple[int, tuple[int, ...]] | None:
         """Read one record (caller holds ``_lock``): a started worker's (pid,
         fds), or None after recording an exit, a timeout or the zygote's end."""
-        if timeout is not None:
-            ready, _, _ = select.select([self._fd], [], [], timeout)
-            if not ready:
-                return None
-        sock = _socket.socket(fileno=os.dup(self._fd))
-        try:
-            data, ancillary, _flags, _addr = sock.recvmsg(
-                64, _socket.CMSG_SPACE(_FDS.size), _socket.MSG_CMSG_CLOEXEC
-            )
-        except OSError:
-            data, ancillary = b"", []
-        finally:
-            sock.close()
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if not ready:
+            return None
+        # Under start_lock, from the dup to the received descriptors' entry in
+        # parent_fds: a zygote forked meanwhile by another pool (from another
+        # thread) must not keep a copy of either (this zygote, or a worker,
+        # would then never see end-of-file when this pool closes).
+        fds: tuple[int, ...] = ()
+        with start_lock:
+            sock = _socket.socket(fileno=os.dup(self._fd))
+            try:
+                data, ancillary, _flags, _addr = sock.recvmsg(
+                    64, _socket.CMSG_SPACE(_FDS.size), _socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError:
+                data, ancillary = b"", []
+            finally:
+                sock.close()
+            for level, kind_, payload in ancillary:
+                if level == _socket.SOL_SOCKET and kind_ == _socket.SCM_RIGHTS:
+                    fds += struct.unpack(f"={len(payload) // 4}i", payload)
+            parent_fds.update(fds)
         if len(data) != _RECORD.size:
             self._gone = True
             return None
@@ -235,10 +246,6 @@ class Zygote:
         if kind == b"X":
             self._exits[pid] = code
             return None
-        fds: tuple[int, ...] = ()
-        for level, kind_, payload in ancillary:
-            if level == _socket.SOL_SOCKET and kind_ == _socket.SCM_RIGHTS:
-                fds += struct.unpack(f"={len(payload) // 4}i", payload)
         return pid, fds
 
     def _death(self) -> str:
