@@ -23,29 +23,6 @@ from .conftest import child_env
 
 START_METHODS = ["default", "fork", "forkserver", "spawn"]
 
-# Known failures of the start-up code this branch was written on (issue 12 part A
-# reworks it): a pool made in the child of the user's os.fork() starts its
-# workers from the forkserver that multiprocessing started for the parent, which
-# the child cannot reach (its manager thread fails with ChildProcessError, and
-# the pool is then closed). Only that failure is accepted, for those cases only;
-# a hang, a wrong result or another error fails. Delete this once the start-up
-# rework has landed: the cases must then pass.
-KNOWN_START_UP_FAILURE = (
-    "ChildProcessError",
-    "PoolClosed: the pool is shut down",
-    "PoolClosed: cannot schedule new futures after shutdown",
-)
-
-
-def known_start_up_failure(start_method: str, name: str, outcome: str) -> bool:
-    return (
-        start_method in ("default", "forkserver")
-        and name.startswith("fork-child/")
-        and outcome.startswith("ERROR")
-        and any(text in outcome for text in KNOWN_START_UP_FAILURE)
-    )
-
-
 ENTRIES = ["decorator", "pool", "executor"]
 
 
@@ -97,11 +74,7 @@ def test_matrix(tmp_path: Path, start_method: str, entry: str) -> None:
     sites = ["main", "threads", "asyncio", "nested", "fork-child/main", "after-fork/main"]
     expected = {f"{site}/{d}" for site in sites for d in definitions} | {"fork-parent/wait"}
     assert set(outcomes) == expected
-    wrong = {
-        name: outcome
-        for name, outcome in outcomes.items()
-        if outcome != "ok" and not known_start_up_failure(start_method, name, outcome)
-    }
+    wrong = {name: outcome for name, outcome in outcomes.items() if outcome != "ok"}
     assert not wrong, f"{len(wrong)} of {len(outcomes)} cases failed: {wrong}"
 
 

@@ -134,4 +134,3 @@ def _at_exit() -> None:
     global _exiting
     _exiting = True
     shutdown()
-

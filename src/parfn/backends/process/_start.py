@@ -19,8 +19,10 @@ interpreter exits.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import selectors
+import threading
 import time
 import weakref
 from collections import deque
@@ -78,10 +80,33 @@ def preload_forkserver() -> None:
     import multiprocessing
     from multiprocessing import forkserver
 
+    global _forkserver_hooked
+    if not _forkserver_hooked:
+        _forkserver_hooked = True
+        os.register_at_fork(after_in_child=_forget_forkserver)
     if not forkserver._forkserver._forkserver_pid:  # type: ignore[attr-defined]
         multiprocessing.get_context("forkserver").set_forkserver_preload(
             ["__main__", "parfn.backends.process._worker"]
         )
+
+
+_forkserver_hooked = False
+
+
+def _forget_forkserver() -> None:
+    """In a forked child (the user's ``os.fork()``): the forkserver is the
+    parent's, which the child cannot wait for; its own starts on first use.
+
+    (``multiprocessing`` keeps the parent's, and its pools then fail there.)
+    """
+    from multiprocessing import forkserver
+
+    server: Any = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(server._forkserver_alive_fd)
+    server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
+    server._lock = threading.Lock()
 
 
 # -- checks, when the pool is made ------------------------------------------------------
