@@ -29,8 +29,23 @@ def test_error_tree() -> None:
     for name in ("RemoteError", "SerializationError", "WorkerCrashed", "TaskTimeout", "PoolClosed"):
         assert issubclass(getattr(parfn, name), parfn.ParfnError), name
     assert issubclass(parfn.WorkerCrashed, concurrent.futures.process.BrokenProcessPool)
+    assert issubclass(parfn.MemoryLimitExceeded, parfn.WorkerCrashed)
     assert issubclass(parfn.SerializationError, pickle.PicklingError)
     assert issubclass(parfn.TaskTimeout, TimeoutError)
+
+
+def test_resource_names_are_public() -> None:
+    """Section 9 of the contract: WorkerLocal and MemoryLimitExceeded, from the top level."""
+    assert {"WorkerLocal", "MemoryLimitExceeded"} <= set(parfn.__all__)
+    error = parfn.MemoryLimitExceeded("f() went over", limit=100, seen=250, exitcode=-9)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), str(copy), copy.limit, copy.seen, copy.exitcode) == (
+        parfn.MemoryLimitExceeded,
+        "f() went over",
+        100,
+        250,
+        -9,
+    )
 
 
 def test_every_public_name_has_a_docstring() -> None:

@@ -25,8 +25,10 @@ from ._runtime import shutdown as shutdown
 
 if _TYPE_CHECKING:
     from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
+    from ._local import WorkerLocal as WorkerLocal
     from ._pool import Pool as Pool
     from ._task import Task as Task
+    from ._wire.errors import MemoryLimitExceeded as MemoryLimitExceeded
     from ._wire.errors import ParfnError as ParfnError
     from ._wire.errors import PoolClosed as PoolClosed
     from ._wire.errors import RemoteError as RemoteError
@@ -35,6 +37,7 @@ if _TYPE_CHECKING:
     from ._wire.errors import WorkerCrashed as WorkerCrashed
 
 __all__ = (
+    "MemoryLimitExceeded",
     "Parallel",
     "ParfnError",
     "Pool",
@@ -45,6 +48,7 @@ __all__ = (
     "Task",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerLocal",
     "in_worker",
     "parallel",
     "shutdown",
@@ -56,6 +60,8 @@ _LAZY = {
     "Pool": "_pool",
     "ProcessPoolExecutor": "_executor",
     "Task": "_task",
+    "WorkerLocal": "_local",
+    "MemoryLimitExceeded": "_wire.errors",
     "ParfnError": "_wire.errors",
     "PoolClosed": "_wire.errors",
     "RemoteError": "_wire.errors",

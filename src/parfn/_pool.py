@@ -155,8 +155,11 @@ class Pool:
     pool's zygote), ``"forkserver"`` or ``"spawn"``, for the process backend
     (see ``docs/guide/workers.md``). ``max_tasks_per_worker``: replace a
     worker process after it ran this many items. ``initializer(*initargs)``
-    runs once in each worker as it starts. Other keywords go to the backend
-    (``address=`` and ``client=`` for Dask).
+    runs once in each worker as it starts. ``threads_per_worker`` caps BLAS and
+    OpenMP threads per worker (default ``max(1, cpus // workers)``), and
+    ``max_memory_per_worker`` (bytes, or ``"512MiB"``) its memory: see
+    docs/guide/resources.md. Other keywords go to the backend (``address=``
+    and ``client=`` for Dask).
     """
 
     def __init__(
@@ -168,6 +171,8 @@ class Pool:
         max_tasks_per_worker: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
+        threads_per_worker: int | None = None,
+        max_memory_per_worker: int | str | None = None,
         **backend_options: Any,
     ) -> None:
         if workers is not None and (
@@ -189,6 +194,14 @@ class Pool:
             if backend != "process":
                 raise ValueError("max_tasks_per_worker applies to the process backend only")
             options["max_tasks_per_worker"] = max_tasks_per_worker
+        for name, value in (
+            ("threads_per_worker", threads_per_worker),
+            ("max_memory_per_worker", max_memory_per_worker),
+        ):
+            if value is not None:
+                if backend != "process":
+                    raise ValueError(f"{name} applies to the process backend only")
+                options[name] = value
         if initializer is not None:
             if not callable(initializer):
                 raise TypeError(f"initializer must be callable, not {initializer!r}")

@@ -7,6 +7,7 @@ The tree::
     ├── SerializationError   an argument or a result could not be pickled
     │                        (also pickle.PicklingError)
     ├── WorkerCrashed        the worker running the task died (also BrokenProcessPool)
+    │   └── MemoryLimitExceeded  its worker went over max_memory_per_worker
     ├── TaskTimeout          the task ran past its timeout (also TimeoutError)
     └── PoolClosed           the pool was used after its shutdown
 
@@ -20,6 +21,7 @@ import pickle
 from typing import TYPE_CHECKING, Any
 
 __all__ = (
+    "MemoryLimitExceeded",
     "ParfnError",
     "PoolClosed",
     "RemoteError",
@@ -117,31 +119,63 @@ class _Crashed(ParfnError):
         super().__init__(message)
 
 
+class _OverMemory(_Crashed):
+    """The task's worker went over the pool's ``max_memory_per_worker`` while it ran.
+
+    The pool watches its busy workers' memory; a worker seen above the limit
+    during a task is ended and replaced, and that task alone fails with this
+    error (others are unaffected). ``limit`` and ``seen`` are in bytes: the
+    limit, and the memory the worker was seen using. A worker that is above
+    the limit only *after* a task is replaced quietly, and that task's result
+    is kept. A :class:`WorkerCrashed`; compare that (the worker died by
+    itself, the kernel's out-of-memory killer included).
+
+    >>> import parfn
+    >>> e = parfn.MemoryLimitExceeded("f() used too much memory", 2**20, 3 * 2**20)
+    >>> isinstance(e, parfn.WorkerCrashed), e.limit, e.seen
+    (True, 1048576, 3145728)
+    """
+
+    def __init__(self, message: str, limit: int, seen: int, exitcode: int | None = None) -> None:
+        self.limit = limit
+        self.seen = seen
+        super().__init__(message, exitcode)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.limit, self.seen, self.exitcode))
+
+
 if TYPE_CHECKING:
     from concurrent.futures.process import BrokenProcessPool
 
     class WorkerCrashed(_Crashed, BrokenProcessPool):
         """See ``_Crashed``."""
 
+    class MemoryLimitExceeded(_OverMemory, WorkerCrashed):
+        """See ``_OverMemory``."""
+
 else:
 
     def __getattr__(name: str) -> Any:
-        """``WorkerCrashed`` is made on first use: its base ``BrokenProcessPool``
-        costs ~10 ms to import (``concurrent.futures.process`` imports most of
-        ``multiprocessing``), which a pool whose workers are forked by its
-        zygote does not otherwise need."""
-        if name != "WorkerCrashed":
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from concurrent.futures.process import BrokenProcessPool
+        """``WorkerCrashed`` (and its subclass ``MemoryLimitExceeded``) is made on
+        first use: its base ``BrokenProcessPool`` costs ~10 ms to import
+        (``concurrent.futures.process`` imports most of ``multiprocessing``),
+        which a pool whose workers are forked by its zygote does not otherwise
+        need."""
+        if name == "MemoryLimitExceeded":
+            crashed = globals().get("WorkerCrashed") or __getattr__("WorkerCrashed")
+            bases: tuple[type, ...] = (_OverMemory, crashed)
+            doc = _OverMemory.__doc__
+        elif name == "WorkerCrashed":
+            from concurrent.futures.process import BrokenProcessPool
 
-        made = type(
-            "WorkerCrashed",
-            (_Crashed, BrokenProcessPool),
-            {"__doc__": _Crashed.__doc__, "__module__": __name__, "__qualname__": "WorkerCrashed"},
-        )
+            bases, doc = (_Crashed, BrokenProcessPool), _Crashed.__doc__
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        made = type(name, bases, {"__doc__": doc, "__module__": __name__, "__qualname__": name})
         # setdefault is atomic: threads that race here all get the one class
         # stored first (``except WorkerCrashed`` must match what is raised).
-        return globals().setdefault("WorkerCrashed", made)
+        return globals().setdefault(name, made)
 
 
 class TaskTimeout(ParfnError, TimeoutError):

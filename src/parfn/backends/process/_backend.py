@@ -25,6 +25,7 @@ from ..._wire.errors import PoolClosed, SerializationError
 from ..._wire.protocol import Cancel, InitFailed, Results, decode, encode
 from ..._wire.serialize import dump_function
 from ..._wire.shm import release_leftovers, sweep_stale
+from ..._wire.threadcaps import default_threads_per_worker, thread_caps
 from .._base import Job, available_cpus
 from ._deaths import account_for_exit, fail_everything, fail_pending, on_init_failed
 from ._dispatch import (
@@ -37,6 +38,8 @@ from ._dispatch import (
     send_direct,
     start_work,
 )
+from ._memory import parse_memory_limit, watch_memory
+from ._oom import start_counting
 from ._results import deliver_one, on_results
 from ._start import (
     JOIN_TIMEOUT,
@@ -73,6 +76,8 @@ class ProcessPool(PoolState):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         start_on_demand: bool = False,
+        threads_per_worker: int | None = None,
+        max_memory_per_worker: int | str | None = None,
     ) -> None:
         if start_method is None:
             start_method = default_start_method()
@@ -84,12 +89,20 @@ class ProcessPool(PoolState):
         init = None if initializer is None else dump_function(initializer)
         initargs = () if initializer is None else tuple(initargs)
         check_initargs(initargs, start_method)
+        memory_limit = parse_memory_limit(max_memory_per_worker)
+        _check_threads(threads_per_worker)
         if start_method == "forkserver":
             preload_forkserver()
         super().__init__(
             workers or available_cpus(), start_method, max_tasks_per_worker, init, initargs
         )
         self._pid = os.getpid()
+        # The numerical libraries' thread pools: the variables the user has
+        # not set, as this process's environment is now (_wire.threadcaps).
+        self._thread_caps = thread_caps(
+            threads_per_worker or default_threads_per_worker(self.workers)
+        )
+        self._memory_limit = memory_limit
         sweep_stale()  # segments of processes killed before they could clean up
         self.on_demand = start_on_demand
         register_pool(self)
@@ -122,7 +135,12 @@ class ProcessPool(PoolState):
             if self._closed:
                 raise PoolClosed(self._broken or "the pool is shut down")
             if len(works) == 1 and not self._queue and send_direct(self, works[0]):
-                if not bad and job.options.timeout is None and not self._pending_output():
+                if (
+                    not bad
+                    and job.options.timeout is None
+                    and self._memory_limit is None  # else the manager watches it
+                    and not self._pending_output()
+                ):
                     return
             else:
                 self._queue.extend(works)
@@ -156,9 +174,9 @@ class ProcessPool(PoolState):
                 send(self, worker, [work])
             else:
                 return  # cancelled before it started
-        if worker is None:
-            self._wake()
-        else:
+        if worker is None or self._memory_limit is not None:
+            self._wake()  # (with a memory limit, the manager watches the borrowed worker)
+        if worker is not None:
             self._talk(worker)
 
     def _talk(self, worker: Worker) -> None:
@@ -291,6 +309,7 @@ class ProcessPool(PoolState):
             close_zygote(self)
 
     def _manage_loop(self) -> None:
+        start_counting()  # the kernel's OOM kills before now are not this pool's (_oom)
         with self._lock:
             replace_workers(self)
         timeout: float | None = None
@@ -325,6 +344,10 @@ class ProcessPool(PoolState):
                 ):
                     break
             timeout = check_deadlines(self)
+            if self._memory_limit is not None:  # the memory watch: one timer (_memory)
+                look = watch_memory(self)
+                if look is not None and (timeout is None or look < timeout):
+                    timeout = look
             # Outcomes go to their tasks last, just before the manager blocks:
             # a caller woken now does not wait for the GIL behind the
             # manager's bookkeeping.
@@ -395,6 +418,16 @@ class ProcessPool(PoolState):
         for pid in dead:
             release_leftovers(pid)
         fail_pending(self)
+
+
+def _check_threads(threads: object) -> None:
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(
+            "threads_per_worker must be an int >= 1, or None for max(1, cpus // workers), "
+            f"not {threads!r}"
+        )
 
 
 if sys.platform == "win32":  # pragma: no cover

@@ -19,6 +19,8 @@ from ..._wire import errors
 from ..._wire.errors import TaskTimeout
 from ..._wire.protocol import ANY_ITEM
 from .._base import Job
+from ._memory import memory_error
+from ._oom import oom_killed
 from ._start import retire
 from ._state import PoolState, Work, Worker, describe_exit, fn_name
 
@@ -63,6 +65,7 @@ def account_for_exit(pool: PoolState, worker: Worker) -> None:
     exitcode = process.exitcode
     run_id, index, _ = worker.read_status()
     reason = worker.kill_reason
+    oom = oom_killed(exitcode) if reason is None else False
     with pool._lock:
         pool._workers.remove(worker)
         retire(pool, worker)
@@ -93,21 +96,21 @@ def account_for_exit(pool: PoolState, worker: Worker) -> None:
                     lo, hi = index, index + 1
                     requeue.append(Work(state, work.lo, index, work.retries))
                     requeue.append(Work(state, index + 1, work.hi, work.retries))
-                error = blame(work, exitcode, reason, run_id, index)
+                error = blame(work, exitcode, reason, run_id, index, oom, pool, worker)
                 if error is None:  # killed by us, but not for this item
                     requeue.append(Work(state, lo, hi, work.retries))
                 elif work.retries > 0:
                     requeue.append(Work(state, lo, hi, work.retries - 1))
                 else:
                     failures.append((state.job, lo, hi, error))
-        if not blamed and requeue:
+        if not blamed and requeue and reason is None:
             # It died between items, maybe loading a message of the first
             # run it had: after three such deaths, that run fails.
             first = requeue[0]
             first.crashes += 1
             if first.crashes >= 3:
                 requeue.pop(0)
-                text = crash_text(first.state.job, exitcode)
+                text = crash_text(first.state.job, exitcode, oom)
                 failures.append(
                     (
                         first.state.job,
@@ -128,8 +131,15 @@ def blame(
     reason: tuple[str, int, int] | None,
     run_id: int,
     index: int,
+    oom: bool | None = None,
+    pool: PoolState | None = None,
+    worker: Worker | None = None,
 ) -> Callable[[], BaseException] | None:
-    """The error for the item a dead worker was running; None: not its fault."""
+    """The error for the item a dead worker was running; None: not its fault.
+
+    ``oom``: whether the kernel's OOM killer killed it (``_oom``); ``pool``
+    and ``worker`` tell the memory it was killed for using (``_memory``).
+    """
     job = work.state.job
     if reason is not None:
         why, killed_run, killed_index = reason
@@ -143,7 +153,10 @@ def blame(
                 "its worker was ended and replaced"
             )
             return lambda: TaskTimeout(text)
-    text = crash_text(job, exitcode)
+        if why == "memory" and pool is not None and worker is not None:
+            limit, seen = pool._memory_limit, worker.memory_seen
+            return lambda: memory_error(job, limit, seen, exitcode)
+    text = crash_text(job, exitcode, oom)
     if index < work.lo:
         text += " while loading the arguments"
     return _crashed(text, exitcode)
@@ -153,10 +166,10 @@ def _crashed(text: str, exitcode: int | None) -> Callable[[], BaseException]:
     return lambda: errors.WorkerCrashed(text, exitcode)
 
 
-def crash_text(job: Job, exitcode: int | None) -> str:
+def crash_text(job: Job, exitcode: int | None, oom: bool | None = None) -> str:
     return (
         f"the worker process running {fn_name(job)}() died: "
-        f"{describe_exit(exitcode)}. The worker was replaced; other tasks are unaffected"
+        f"{describe_exit(exitcode, oom)}. The worker was replaced; other tasks are unaffected"
     )
 
 

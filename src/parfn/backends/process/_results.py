@@ -6,7 +6,7 @@ their worker; per-function timings steer coalescing; a worker that reached
 to the sinks with no lock held, by the manager thread or by a caller that
 borrowed the worker. A run whose arguments or results could not be loaded as
 a whole is sent again item by item (``isolate``), so that only the bad item
-fails.
+fails. A worker above ``max_memory_per_worker`` after a task retires too.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..._wire.errors import SerializationError
 from ..._wire.protocol import Results
 from ..._wire.serialize import dumps
 from ..._wire.shm import release
+from ._memory import recycle_if_over
 from ._state import JobState, PoolState, Work, Worker, load_result
 
 __all__ = ("deliver", "deliver_one", "isolate", "on_results")
@@ -46,6 +47,8 @@ def on_results(pool: PoolState, worker: Worker, message: Results) -> list[tuple[
             delivered.append((work, done))
         if pool._max_tasks is not None and worker.items_run >= pool._max_tasks:
             worker.retiring = True
+    if pool._memory_limit is not None:
+        recycle_if_over(pool, worker)  # above max_memory_per_worker after a task
     for payload in dropped:
         release(payload)
     return delivered

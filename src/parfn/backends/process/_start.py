@@ -189,7 +189,7 @@ def check_initargs(initargs: tuple[Any, ...], start_method: str) -> None:
 def open_zygote(pool: PoolState) -> None:
     """Fork the pool's zygote now, from this thread (``ProcessPool.__init__``,
     before the manager thread exists, holding no lock)."""
-    pool._zygote = _zygote.Zygote(pool._init, pool._initargs)
+    pool._zygote = _zygote.Zygote(pool._init, pool._initargs, pool._thread_caps)
 
 
 def start_workers(pool: PoolState, n: int) -> None:
@@ -221,7 +221,12 @@ def _start_by_multiprocessing(pool: PoolState) -> None:
         process = ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(child_end, slot, pool._init, pool._initargs),
-            kwargs={"parent_pid": parent_pid, "owner_pid": os.getpid(), "close_fds": own_end},
+            kwargs={
+                "parent_pid": parent_pid,
+                "owner_pid": os.getpid(),
+                "close_fds": own_end,
+                "thread_caps": pool._thread_caps,
+            },
             name="parfn-worker",
         )
         process.start()

@@ -110,6 +110,8 @@ class Worker:
         "items_run",
         "items_sent",
         "kill_reason",
+        "memory_over",
+        "memory_seen",
         "process",
         "retiring",
         "runs",
@@ -134,6 +136,8 @@ class Worker:
         self.kill_reason: tuple[str, int, int] | None = None  # (why, run id, item index)
         self.borrowed = False  # a caller talks to it directly (see _talk)
         self.died = False  # it died while borrowed
+        self.memory_seen = 0  # bytes, when it was seen over the memory limit (_memory)
+        self.memory_over: tuple[int, int] | None = None  # (run id, item) it was seen over in
 
     def read_status(self) -> tuple[int, int, float]:
         """(run id, item index, start time): a consistent snapshot."""
@@ -211,6 +215,9 @@ class PoolState:
         self._dead_pids: list[int] = []  # workers that exited, for _deliver_all
         self._returned_dead: list[Any] = []  # borrowed workers that died (guarded by _lock)
         self._timed = 0  # runs in flight that have a timeout (guarded by _lock)
+        self._thread_caps: dict[str, str] = {}  # set in each worker (_wire.threadcaps)
+        self._memory_limit: int | None = None  # max_memory_per_worker, bytes (_memory)
+        self._memory_look = 0.0  # when the manager looks at busy workers' memory next
 
     def _wake(self) -> None:
         """Make the manager run its loop once more (after the caller queued work)."""
@@ -248,7 +255,9 @@ def fn_name(job: Job) -> str:
     return getattr(job.fn, "__qualname__", None) or repr(job.fn)
 
 
-def describe_exit(exitcode: int | None) -> str:
+def describe_exit(exitcode: int | None, oom: bool | None = None) -> str:
+    """How a worker ended; ``oom``: whether the kernel's OOM killer killed it
+    (None: nobody can tell; see ``_oom``)."""
     if exitcode is None:
         return "it died"
     if exitcode < 0:
@@ -257,8 +266,15 @@ def describe_exit(exitcode: int | None) -> str:
         except ValueError:
             name = f"signal {-exitcode}"
         text = f"killed by {name}"
-        if name == "SIGKILL":
+        if name == "SIGKILL" and oom:
+            text = (
+                "killed by the kernel's out-of-memory killer (SIGKILL; its cgroup's oom_kill "
+                "count went up): the machine or its cgroup ran out of memory"
+            )
+        elif name == "SIGKILL" and oom is None:
             text += " (maybe by the out-of-memory killer: check the task's memory use)"
+        elif name == "SIGKILL":
+            text += " (not by the out-of-memory killer: its cgroup's oom_kill count is unchanged)"
         elif name == "SIGSEGV":
             text += " (a segmentation fault, in native code)"
         return text

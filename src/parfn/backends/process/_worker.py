@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..._wire.errors import SerializationError
@@ -46,6 +46,7 @@ from ..._wire.protocol import (
     encode,
 )
 from ..._wire.serialize import ExceptionEnvelope, dumps, load_function, loads
+from ..._wire.threadcaps import apply_thread_caps
 from ._channel import Reader, write_frame
 
 __all__ = ("IN_WORKER", "worker_main")
@@ -63,6 +64,7 @@ def worker_main(
     parent_pid: int = 0,
     owner_pid: int = 0,
     close_fds: Sequence[int] = (),
+    thread_caps: Mapping[str, str] | None = None,
 ) -> None:
     """Entry point of a worker process: its start-up, step by step, then its loop.
 
@@ -73,7 +75,8 @@ def worker_main(
     initializer. ``owner_pid``: the pool's process, when it is not the
     zygote's to end this worker with it (``parent_pid``: this process's
     parent, 0 if that is a forkserver). ``close_fds``: descriptors the worker
-    inherited and must close.
+    inherited and must close. ``thread_caps``: the variables that cap the
+    numerical libraries' threads (``_wire.threadcaps``).
 
     The steps run in this order; a new step goes here, before the
     initializer when it must be in place before any user code runs.
@@ -82,6 +85,7 @@ def worker_main(
     IN_WORKER = True
     _close(close_fds)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    apply_thread_caps(thread_caps or {})  # BLAS/OpenMP threads, before any user code
     if owner_pid:
         _die_with_parent(parent_pid, owner_pid)
     status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots

@@ -139,9 +139,15 @@ class Zygote:
     serialises their use of the control socket.
     """
 
-    def __init__(self, init: bytes | None, initargs: tuple[Any, ...]) -> None:
+    def __init__(
+        self,
+        init: bytes | None,
+        initargs: tuple[Any, ...],
+        thread_caps: dict[str, str] | None = None,
+    ) -> None:
         """Fork the zygote now, from this thread. Call it before the pool's
-        threads exist, holding no lock of parfn's."""
+        threads exist, holding no lock of parfn's. ``thread_caps`` go to
+        ``worker_main`` in each worker, as ``init`` and ``initargs`` do."""
         _forksafe.prepare()
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}  # pid -> exit code, reported and not yet joined
@@ -162,7 +168,7 @@ class Zygote:
                 pid = os.fork()
             if pid == 0:  # pragma: no cover - the zygote (coverage does not follow forks)
                 try:
-                    _serve(theirs, owner, init, initargs)
+                    _serve(theirs, owner, init, initargs, thread_caps)
                 finally:
                     os._exit(70)
             theirs.close()
@@ -274,7 +280,13 @@ class Zygote:
 # -- the zygote's side ----------------------------------------------------------------
 
 
-def _serve(ctl: Any, owner: int, init: bytes | None, initargs: tuple[Any, ...]) -> None:
+def _serve(
+    ctl: Any,
+    owner: int,
+    init: bytes | None,
+    initargs: tuple[Any, ...],
+    thread_caps: dict[str, str] | None = None,
+) -> None:
     """The zygote's main loop: fork on request, reap and report, die with the owner.
 
     The fork's at-fork hook (``_forksafe``) has already closed the parent's
@@ -319,13 +331,18 @@ def _serve(ctl: Any, owner: int, init: bytes | None, initargs: tuple[Any, ...]) 
                 open_ = False
                 poller.unregister(ctl.fileno())
                 continue
-            pidfd, pid = _fork_worker(ctl, owner_fd, children, init, initargs)
+            pidfd, pid = _fork_worker(ctl, owner_fd, children, init, initargs, thread_caps)
             children[pidfd] = pid
             poller.register(pidfd, select.POLLIN)
 
 
 def _fork_worker(
-    ctl: Any, owner_fd: int, children: dict[int, int], init: bytes | None, initargs: tuple[Any, ...]
+    ctl: Any,
+    owner_fd: int,
+    children: dict[int, int],
+    init: bytes | None,
+    initargs: tuple[Any, ...],
+    thread_caps: dict[str, str] | None = None,
 ) -> tuple[int, int]:
     """Fork one worker and send the parent its descriptors: (its pidfd, its pid)."""
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -341,7 +358,7 @@ def _fork_worker(
             os.close(slot)
             from ._worker import worker_main
 
-            worker_main(Fd(theirs.detach()), status, init, initargs)
+            worker_main(Fd(theirs.detach()), status, init, initargs, thread_caps=thread_caps)
         finally:
             os._exit(1)
     pidfd = os.pidfd_open(pid)
