@@ -130,6 +130,29 @@ with MpPool(2) as mp_pool:
     assert_type(mp_pool.map_async(square, [1]).get(), list[int])
     assert_type(next(mp_pool.imap(square, [1])), int)
 
+# -- resources: per-worker values, limits (section 9) ------------------------------------
+
+
+class Model:
+    def predict(self, x: int) -> float:
+        return x / 2
+
+
+def load_model(path: str, *, threads: int = 1) -> Model:
+    return Model()
+
+
+model = parfn.WorkerLocal(load_model, "weights.bin", threads=2)
+assert_type(model, parfn.WorkerLocal[Model])
+assert_type(model.value, Model)
+assert_type(model.value.predict(3), float)
+assert_type(parfn.WorkerLocal(dict, a=1).value, dict[str, int])
+with parfn.Pool(2, threads_per_worker=1, max_memory_per_worker="512MiB") as limited:
+    assert_type(limited.map(square, range(3)), list[int])
+limit_error = parfn.MemoryLimitExceeded("f() went over", 2**20, 2**21)
+assert_type(limit_error.seen, int)
+assert_type(limit_error, parfn.MemoryLimitExceeded)
+
 # -- mistakes a type checker must report -------------------------------------------------
 
 square.apply("3")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
@@ -156,3 +179,7 @@ square.map([1], chunksize="4")  # type: ignore[call-overload]  # pyright: ignore
 square.options(retries="1")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 parallel(timeout="5")  # type: ignore[call-overload]  # pyright: ignore[reportArgumentType]
 parallel(3)  # type: ignore[call-overload]  # pyright: ignore[reportArgumentType]
+parfn.WorkerLocal(load_model, 3)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+parfn.WorkerLocal(load_model, "w", thread=2)  # type: ignore[call-arg]  # pyright: ignore[reportCallIssue]
+wrong_model: str = model.value  # type: ignore[assignment]  # pyright: ignore[reportAssignmentType]
+parfn.Pool(2, max_memory_per_worker=1.5)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
