@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -28,7 +29,7 @@ from typing import Any
 
 import _systems
 from _systems import NotApplicable, System
-from _workloads import burn, echo, matmul, nap, noop, pipe_echo_server
+from _workloads import burn, echo, linalg, matmul, nap, noop, numpy_nap, pipe_echo_server
 
 Result = dict[str, Any]
 
@@ -125,6 +126,22 @@ def numpy_batch(system: System, p: dict[str, Any]) -> Result:
     t1 = time.perf_counter()
     assert len(out) == len(items) and len(set(out)) == 1, "wrong results"
     return _ok([t1 - t0], "s")
+
+
+def _linalg_tasks(p: dict[str, Any]) -> list[tuple[int, int]]:
+    return [(seed, p["n"]) for seed in range(p["tasks"])]
+
+
+def linalg_map(system: System, p: dict[str, Any]) -> Result:
+    """The linalg tasks through ``map``, once every worker has imported numpy."""
+    system.map(numpy_nap, [0.05] * (2 * _systems.WORKERS), 1)
+    system.map(linalg, [(seed, 32) for seed in range(2 * _systems.WORKERS)], 1)
+    tasks = _linalg_tasks(p)
+    t0 = time.perf_counter()
+    out = system.map(linalg, tasks, None)
+    elapsed = time.perf_counter() - t0
+    assert len(out) == len(tasks) and math.isclose(out[0], linalg(tasks[0]), rel_tol=1e-6)
+    return _ok([elapsed], "s")
 
 
 def _big_array(p: dict[str, Any]) -> Any:
@@ -262,6 +279,7 @@ POOL_WORKLOADS: dict[str, Callable[[System, dict[str, Any]], Result]] = {
     "numpy": numpy_batch,
     "array": array,
     "imap": imap,
+    "linalg": linalg_map,
 }
 
 
@@ -326,12 +344,23 @@ def floor_imap(p: dict[str, Any]) -> Result:
     return imap(_BuiltinMap(), p)
 
 
+def floor_linalg(p: dict[str, Any]) -> Result:
+    """The same tasks one after another in this process, numpy's BLAS using every CPU."""
+    linalg((0, 32))
+    tasks = _linalg_tasks(p)
+    t0 = time.perf_counter()
+    for task in tasks:
+        linalg(task)
+    return _ok([time.perf_counter() - t0], "s")
+
+
 FLOORS: dict[str, Callable[[dict[str, Any]], Result]] = {
     "latency": floor_latency,
     "array": floor_array,
     "cpu": floor_cpu,
     "imap": floor_imap,
     "cold": lambda p: cold("pass", p),
+    "linalg": floor_linalg,
 }
 
 
@@ -346,6 +375,8 @@ def main() -> None:
     if workload == "cold":
         _write(out_path, cold(_systems.SYSTEMS[name].cold_code, params))
         return
+    if workload == "linalg":
+        import numpy  # noqa: F401  (as a user's script does, before its pool starts)
     system = _systems.make(name)
     t0 = time.perf_counter()
     system.start()

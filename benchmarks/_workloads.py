@@ -47,6 +47,31 @@ def matmul(n: int) -> float:
     return float((a @ a).trace())
 
 
+def numpy_nap(seconds: float) -> float:
+    """Import numpy, then sleep: a warm-up that reaches every worker of a lazy pool."""
+    import numpy  # noqa: F401
+
+    time.sleep(seconds)
+    return seconds
+
+
+def linalg(task: tuple[int, int]) -> float:
+    """Numerical work: matrix products and a symmetric eigen-solve, ``(seed, n)``.
+
+    Each step runs in BLAS/LAPACK, whose threads (one per CPU unless capped)
+    are what the linalg workload measures. numpy is imported here, in the
+    worker, as a task's module would.
+    """
+    import numpy as np
+
+    seed, n = task
+    a = np.random.default_rng(seed).standard_normal((n, n))
+    b = a @ a.T / n
+    for _ in range(3):
+        b = b @ a / n
+    return float(np.linalg.eigvalsh(b + b.T)[-1])
+
+
 def calibrate_burn(seconds: float, probe: int = 200_000) -> int:
     """How many :func:`burn` iterations take about ``seconds`` here (best of 3 probes)."""
     best = float("inf")

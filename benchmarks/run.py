@@ -103,6 +103,13 @@ WORKLOADS: dict[str, Workload] = {
             {"reps": 3, "starts": 3},
         ),
         Workload(
+            "linalg", "numpy: `map` of {tasks} tasks, {n}x{n} matrix products and an "
+            "eigen-solve (BLAS variables unset)", "time",
+            "the same tasks in one process, its BLAS on every CPU",
+            {"reps": 2, "tasks": 16, "n": 350},
+            {"reps": 5, "tasks": 16, "n": 350},
+        ),
+        Workload(
             "imap", "`imap` over an endless generator", "rate",
             "the same consumer and input over the builtin `map`, in one process",
             {"reps": 1, **_IMAP_QUICK},
