@@ -154,7 +154,7 @@ def blame(
             )
             return lambda: TaskTimeout(text)
         if why == "memory" and pool is not None and worker is not None:
-            limit, seen = pool._memory_limit, worker.memory_seen
+            limit, seen = pool._memory_limit, worker.memory.over
             return lambda: memory_error(job, limit, seen, exitcode)
     text = crash_text(job, exitcode, oom)
     if index < work.lo:

@@ -110,8 +110,7 @@ class Worker:
         "items_run",
         "items_sent",
         "kill_reason",
-        "memory_over",
-        "memory_seen",
+        "memory",
         "process",
         "retiring",
         "runs",
@@ -136,8 +135,7 @@ class Worker:
         self.kill_reason: tuple[str, int, int] | None = None  # (why, run id, item index)
         self.borrowed = False  # a caller talks to it directly (see _talk)
         self.died = False  # it died while borrowed
-        self.memory_seen = 0  # bytes, when it was seen over the memory limit (_memory)
-        self.memory_over: tuple[int, int] | None = None  # (run id, item) it was seen over in
+        self.memory: Any = None  # what the memory watch knows of it (_memory.Seen)
 
     def read_status(self) -> tuple[int, int, float]:
         """(run id, item index, start time): a consistent snapshot."""
