@@ -49,11 +49,12 @@ __all__ = (
     "FAST_ALLOCATION",
     "MIN_PERIOD",
     "PERIOD",
+    "SMAPS_SHARE",
+    "Seen",
     "format_bytes",
     "memory_error",
-    "parse_memory_limit",
-    "Seen",
     "own_memory",
+    "parse_memory_limit",
     "private",
     "recycle_if_over",
     "resident",
@@ -95,8 +96,8 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 def parse_memory_limit(value: object) -> int | None:
     """``max_memory_per_worker`` in bytes: an int of bytes, or a string such as "512MiB".
 
-    Units: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (powers of 1024),
-    in any case, with or without a space.
+    Units: B, KB/MB/GB/TB (powers of 1000; K/M/G/T alone too, as in Dask),
+    KiB/MiB/GiB/TiB (powers of 1024), in any case, with or without a space.
 
     >>> parse_memory_limit("512MiB"), parse_memory_limit("2GB"), parse_memory_limit(4096)
     (536870912, 2000000000, 4096)
