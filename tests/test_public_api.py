@@ -46,6 +46,18 @@ def test_resource_names_are_public() -> None:
         250,
         -9,
     )
+    # Made on first use, as WorkerCrashed is: read first, it is still a subclass
+    # of the one WorkerCrashed.
+    code = (
+        "import parfn\n"
+        "M = parfn.MemoryLimitExceeded\n"
+        "assert issubclass(M, parfn.WorkerCrashed) and M.__mro__[2] is parfn.WorkerCrashed\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.stdout.strip() == "ok", out.stderr
 
 
 def test_every_public_name_has_a_docstring() -> None:
