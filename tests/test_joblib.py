@@ -128,9 +128,12 @@ def test_inner_threads_are_capped() -> None:
     for env, threads in run([joblib.delayed(inner_threads)(i) for i in range(4)]):
         assert env == str(expected)
         assert threads == [expected]
-    with joblib.parallel_config(backend="parfn", n_jobs=2, inner_max_num_threads=1):
-        for env, threads in joblib.Parallel()(joblib.delayed(inner_threads)(i) for i in range(2)):
-            assert (env, threads) == ("1", [1])
+    for inner in (1, 2):  # on 2 CPUs, 2 differs from the default
+        with joblib.parallel_config(backend="parfn", n_jobs=2, inner_max_num_threads=inner):
+            for env, threads in joblib.Parallel()(
+                joblib.delayed(inner_threads)(i) for i in range(2)
+            ):
+                assert (env, threads) == (str(inner), [inner])
 
 
 def nested(n: int) -> list[int]:

@@ -28,7 +28,6 @@ __all__ = (
     "Raised",
     "WorkerProcess",
     "call_catching",
-    "cap_threads",
     "cause_as",
     "run_chunk",
     "worker_processes",
@@ -171,29 +170,3 @@ def call_catching(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     except Exception as exc:
         return Raised(exc)
-
-
-_NUMERIC = ("numpy", "scipy", "sklearn", "torch", "numexpr")
-
-
-def cap_threads(caps: dict[str, str]) -> None:
-    """Run in each worker as it starts (a pool initializer): cap its inner
-    thread pools (OpenMP, OpenBLAS, MKL, ...) by these environment variables.
-
-    A library loaded later reads them; one already loaded (inherited from a
-    parent that imported numpy before the worker was forked) is capped at
-    once through threadpoolctl, when it is installed (scikit-learn needs it).
-    """
-    import os
-    import sys
-
-    os.environ.update(caps)
-    if not any(name in sys.modules for name in _NUMERIC):
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - installed with scikit-learn
-        return
-    limits = [int(v) for k, v in caps.items() if k.endswith("_THREADS") and v.isdigit()]
-    if limits:
-        threadpool_limits(limits=min(limits))

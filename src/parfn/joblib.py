@@ -45,9 +45,9 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError("parfn.joblib needs joblib: pip install 'parfn[joblib]'") from exc
 
-from ._dropin import cap_threads
 from ._pool import Pool
 from ._task import Task
+from ._wire.threadcaps import default_threads_per_worker
 from .backends._base import available_cpus
 
 __all__ = ("ParfnBackend", "register", "shutdown")
@@ -70,18 +70,16 @@ _pools_lock = threading.Lock()
 _pools: dict[tuple[Any, ...], Pool] = {}
 
 
-def _pool_for(n_jobs: int, caps: dict[str, str], start_method: str | None) -> Pool:
-    """The pool of ``n_jobs`` workers with these thread caps, started on first use."""
-    key = (n_jobs, tuple(sorted(caps.items())), start_method)
+def _pool_for(n_jobs: int, threads: int, start_method: str | None) -> Pool:
+    """The pool of ``n_jobs`` workers of ``threads`` inner threads each, started on first use."""
+    key = (n_jobs, threads, start_method)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None or pool._closed:
             for old in _pools.values():  # one pool at a time: another size ends the last
                 old.shutdown(wait=False)
             _pools.clear()
-            pool = _pools[key] = Pool(
-                n_jobs, start_method=start_method, initializer=cap_threads, initargs=(caps,)
-            )
+            pool = _pools[key] = Pool(n_jobs, start_method=start_method, threads_per_worker=threads)
         return pool
 
 
@@ -139,19 +137,17 @@ class ParfnBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
         self.parallel = parallel
         own = getattr(self, "backend_kwargs", {})  # (joblib before 1.3 has none)
         start_method = backend_kwargs.get("start_method", own.get("start_method"))
-        self._pool = _pool_for(n_jobs, self.thread_caps(n_jobs), start_method)
+        self._pool = _pool_for(n_jobs, self.inner_threads(n_jobs), start_method)
         return n_jobs
 
-    def thread_caps(self, n_jobs: int) -> dict[str, str]:
-        """The environment variables that cap each worker's inner thread pools.
-
-        joblib's own computation (``inner_max_num_threads``, else
-        ``max(1, cpus // n_jobs)``, a variable the user set left alone), the
-        same loky gets. This one call is where the pool's own thread caps
-        (``parfn.Pool(threads_per_worker=...)``) can take over.
-        """
-        caps: dict[str, str] = self._prepare_worker_env(n_jobs)
-        return caps
+    def inner_threads(self, n_jobs: int) -> int:
+        """How many threads each worker's inner thread pools (OpenMP, OpenBLAS,
+        MKL, ...) may use: joblib's ``inner_max_num_threads`` if given, else
+        the pool's own default, ``max(1, cpus // n_jobs)`` (loky's too). The
+        pool's ``threads_per_worker`` applies it, leaving a variable the user
+        set as it is."""
+        threads = getattr(self, "inner_max_num_threads", None)
+        return int(threads) if threads else default_threads_per_worker(n_jobs)
 
     def submit(
         self, func: Callable[[], Any], callback: Callable[[Any], object] | None = None
