@@ -114,26 +114,39 @@ def test_timeout() -> None:
     assert time.monotonic() - start < 10
 
 
-def inner_threads(_: object) -> tuple[str | None, list[int]]:
+def inner_threads(_: object) -> tuple[str | None, str | None, dict[str, int]]:
     import numpy  # noqa: F401 (loads its BLAS, whose threads threadpoolctl sees)
     from threadpoolctl import threadpool_info
 
-    return os.environ.get("OMP_NUM_THREADS"), sorted({i["num_threads"] for i in threadpool_info()})
+    blas = {i["internal_api"]: i["num_threads"] for i in threadpool_info()}
+    return os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS"), blas
+
+
+def _expected(inner: int) -> tuple[str, str]:
+    """OMP_NUM_THREADS and OPENBLAS_NUM_THREADS in a worker: ``inner``, unless
+    this process has the variable set (importing Dask sets them to 1), which is
+    left as it is."""
+    return os.environ.get("OMP_NUM_THREADS") or str(inner), os.environ.get(
+        "OPENBLAS_NUM_THREADS"
+    ) or str(inner)
 
 
 def test_inner_threads_are_capped() -> None:
     pytest.importorskip("threadpoolctl")
     pytest.importorskip("numpy")
-    expected = max(1, joblib.cpu_count() // 2)
-    for env, threads in run([joblib.delayed(inner_threads)(i) for i in range(4)]):
-        assert env == str(expected)
-        assert threads == [expected]
+    if "openblas" not in inner_threads(None)[2]:
+        pytest.skip("numpy is not built on OpenBLAS here")
+    default = max(1, joblib.cpu_count() // 2)
+    for omp, openblas, blas in run([joblib.delayed(inner_threads)(i) for i in range(4)]):
+        assert (omp, openblas) == _expected(default)
+        assert blas["openblas"] == int(openblas)  # as the variable says
     for inner in (1, 2):  # on 2 CPUs, 2 differs from the default
         with joblib.parallel_config(backend="parfn", n_jobs=2, inner_max_num_threads=inner):
-            for env, threads in joblib.Parallel()(
+            for omp, openblas, blas in joblib.Parallel()(
                 joblib.delayed(inner_threads)(i) for i in range(2)
             ):
-                assert (env, threads) == (str(inner), [inner])
+                assert (omp, openblas) == _expected(inner)
+                assert blas["openblas"] == int(openblas)
 
 
 def nested(n: int) -> list[int]:

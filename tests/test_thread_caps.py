@@ -32,6 +32,7 @@ needs_two_cpus = pytest.mark.skipif(CPUS < 2, reason="one CPU: no count but the 
 SCRIPT = """
     import json, os, sys
     {numpy_at_top}
+    {setup}
     import parfn
     METHOD = None if sys.argv[1] == "default" else sys.argv[1]
     VARIABLES = {variables!r}
@@ -59,9 +60,11 @@ def _run(
     numpy_at_top: bool = True,
     options: str = "",
     env: dict[str, str] | None = None,
+    setup: str = "",
 ) -> dict[str, Any]:
     source = SCRIPT.format(
         numpy_at_top="import numpy" if numpy_at_top else "",
+        setup=setup,
         variables=VARIABLES,
         options=options,
     )
@@ -110,6 +113,25 @@ def test_a_variable_the_user_set_is_left_as_it_is(tmp_path: Path, method: str) -
         assert env["OPENBLAS_NUM_THREADS"] == str(OTHER)
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(CAP)
         assert blas["openblas"] == OTHER
+
+
+@needs_two_cpus
+@pytest.mark.skipif(not _numpy_uses_openblas(), reason="numpy is not built on OpenBLAS here")
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_variable_set_after_numpy_loaded_holds_in_the_workers(
+    tmp_path: Path, method: str
+) -> None:
+    """What importing Dask does: the script sets the variable to 1 once OpenBLAS
+    has loaded (with a thread per CPU), too late for this process's OpenBLAS;
+    the workers' follows it all the same (forked ones have OpenBLAS loaded
+    already, from the script). Two workers but three threads each, so that the
+    1 is the variable's, not the default cap."""
+    setup = "os.environ['OPENBLAS_NUM_THREADS'] = '1'"
+    result = _run(tmp_path, method, setup=setup, options="threads_per_worker=3")
+    for env, blas in _each_worker(result):
+        assert env["OPENBLAS_NUM_THREADS"] == "1"
+        assert env["OMP_NUM_THREADS"] == "3"
+        assert blas["openblas"] == 1
 
 
 @needs_two_cpus

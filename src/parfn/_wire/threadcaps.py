@@ -105,20 +105,25 @@ _OPENBLAS_AFFIXES = [(p, s) for p in ("", "scipy_") for s in ("", "64_", "_64")]
 def apply_thread_caps(caps: Mapping[str, str]) -> None:
     """Set ``caps`` in this process's environment and limit the libraries already loaded.
 
-    Called once, in a worker, before any user code runs in it.
+    Called once, in a worker, before any user code runs in it. The libraries
+    already loaded are limited to what each variable now says, whether it is
+    in ``caps`` or was set by the user: a variable set in the parent after a
+    library had loaded there (Dask sets ``OMP_NUM_THREADS`` and others to 1 in
+    the process that imports it) would otherwise be ignored by a forked worker.
     """
-    if not caps:
-        return
     os.environ.update(caps)
+    limits = {var: int(value) for var in VARIABLES if (value := os.environ.get(var, "")).isdigit()}
+    if not limits:
+        return
     for path in loaded_libraries():
         name = os.path.basename(path)
         for var, prefixes, call in _NATIVE:
-            if var in caps and name.startswith(prefixes):
-                _limit(path, call, int(caps[var]))
+            if var in limits and name.startswith(prefixes):
+                _limit(path, call, limits[var])
     numexpr = sys.modules.get("numexpr")
-    if "NUMEXPR_NUM_THREADS" in caps and numexpr is not None:
+    if "NUMEXPR_NUM_THREADS" in limits and numexpr is not None:
         try:
-            numexpr.set_num_threads(int(caps["NUMEXPR_NUM_THREADS"]))
+            numexpr.set_num_threads(limits["NUMEXPR_NUM_THREADS"])
         except Exception:  # pragma: no cover - a numexpr without the call
             pass
 
