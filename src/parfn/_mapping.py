@@ -25,6 +25,7 @@ from concurrent.futures import CancelledError
 from typing import Any, TypeVar, cast
 
 from ._progress import open_progress
+from ._stats import Tally
 from .backends._base import Backend, Item, Job, Options
 
 __all__ = ("MapIterator", "MapRun")
@@ -48,7 +49,7 @@ whatever the function's speed."""
 class _Chunk:
     """One chunk of a map: the Sink of its Job."""
 
-    __slots__ = ("errors", "first", "job", "remaining", "run", "values")
+    __slots__ = ("errors", "first", "job", "remaining", "run", "unsettled", "values")
 
     def __init__(self, run: MapRun, first: int, n: int) -> None:
         self.run = run
@@ -56,15 +57,23 @@ class _Chunk:
         self.values: list[Any] = [None] * n
         self.errors: dict[int, BaseException] = {}
         self.remaining = n
+        self.unsettled = n  # items not yet counted in pool.stats() (the tally's lock)
         self.job: Job | None = None
 
     def start(self) -> bool:
-        return not self.run.abandoned
+        if self.run.abandoned:
+            self.run.tally.drop(self)  # the backend drops it: never delivered
+            return False
+        return True
 
     def deliver(
         self, lo: int, values: Sequence[Any], errors: dict[int, BaseException], elapsed: float
     ) -> None:
-        self.run.inbox.put((self, lo, values, errors, elapsed))
+        run = self.run
+        if errors:
+            _locate(errors, self.first)
+        run.tally.items(self, run.name, len(values), errors, elapsed)
+        run.inbox.put((self, lo, values, errors, elapsed))
 
 
 class MapRun:
@@ -84,6 +93,7 @@ class MapRun:
         progress: object,
         desc: str,
         reopen: Callable[[], Backend | None] | None = None,
+        tally: Tally | None = None,
     ) -> None:
         if chunksize is not None and (
             isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
@@ -93,6 +103,8 @@ class MapRun:
         # The default pool's: where to go on if ``parfn.shutdown()`` closes it mid-map.
         self.reopen = reopen
         self.fn = fn
+        self.name: str = getattr(fn, "__qualname__", None) or repr(fn)
+        self.tally = Tally() if tally is None else tally
         self.options = options
         self.items = items
         self.star = star
@@ -148,6 +160,7 @@ class MapRun:
                 for chunk in outstanding:
                     if chunk.job is not None and chunk.remaining:
                         self.backend.cancel(chunk.job)
+                        self.tally.drop(chunk)
             if self.bar is not None:
                 self.bar.close()
 
@@ -180,10 +193,12 @@ class MapRun:
         self.pulled += n
         self.held += n
         chunk.job = Job(self.fn, batch, self.options, chunk, star=self.star)
+        self.tally.submit(n)
         try:
             self._submit(chunk.job)
         except Exception as exc:
             if not (len(batch) == 1 and _is_item_error(exc)):
+                self.tally.withdraw_items(chunk)
                 raise
             chunk.deliver(0, [None], {0: exc}, 0.0)
         return chunk
@@ -242,6 +257,15 @@ class MapRun:
             self.per_item = per_item if self.per_item is None else 0.5 * (self.per_item + per_item)
         if self.bar is not None:
             self.bar.update(n)
+
+
+def _locate(errors: dict[int, BaseException], first: int) -> None:
+    """A crash report says which item of the whole map it was."""
+    from ._wire.errors import WorkerCrashed
+
+    for i, error in errors.items():
+        if isinstance(error, WorkerCrashed) and error.index is None:
+            error.index = first + i
 
 
 def _is_item_error(exc: BaseException) -> bool:

@@ -20,6 +20,7 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _scope
 from ._mapping import MapIterator, MapRun
+from ._stats import PoolStats, Tally
 from ._task import Task
 from ._wire.errors import PoolClosed
 from .backends import BACKENDS, load
@@ -34,17 +35,24 @@ _START_METHODS = ("fork", "forkserver", "spawn")
 
 
 class _TaskSink:
-    """Connects a one-item Job to its Task (and the Task's ``cancel`` to the backend)."""
+    """Connects a one-item Job to its Task (and the Task's ``cancel`` to the
+    backend), and counts its outcome for ``pool.stats()``."""
 
-    __slots__ = ("backend", "error_hook", "job", "task")
+    __slots__ = ("backend", "counted", "error_hook", "job", "tally", "task")
 
     def __init__(
-        self, task: Task[Any], backend: Backend, error_hook: ErrorHook | None = None
+        self,
+        task: Task[Any],
+        backend: Backend,
+        tally: Tally,
+        error_hook: ErrorHook | None = None,
     ) -> None:
         self.task = task
         self.backend = backend
+        self.tally = tally
         self.error_hook = error_hook
         self.job: Job | None = None
+        self.counted = False  # guarded by the tally's lock
 
     def stop(self) -> bool:
         """Stop the running job (``Task.cancel``); True if it was stopped."""
@@ -66,8 +74,12 @@ class _TaskSink:
     ) -> None:
         task = self.task
         task._stopper = None  # done: let the job and its arguments go
-        self.job = None  # (the job refers to this sink: no cycle left behind)
+        job, self.job = self.job, None  # (the job refers to this sink: no cycle left behind)
         error = errors.get(lo)
+        # Counted before the task is done: whoever waits for it sees it counted.
+        task._on_done = None
+        fn = job.fn if job is not None else None
+        self.tally.task(self, getattr(fn, "__qualname__", None) or repr(fn), error, elapsed)
         try:
             if error is None:
                 task.set_result(values[0])
@@ -79,6 +91,10 @@ class _TaskSink:
                 task.set_exception(error)
         except InvalidStateError:
             pass  # cancelled meanwhile: the outcome has nowhere to go
+
+    def cancelled(self, task: Task[Any]) -> None:
+        """The task was cancelled before an outcome was handed over (``Task._on_done``)."""
+        self.tally.task(self, "", CancelledError(), 0.0)
 
 
 ErrorHook = Callable[[BaseException], None]
@@ -209,6 +225,7 @@ class Pool:
             options["initargs"] = tuple(initargs)
         self.backend_name = backend
         self._backend: Backend = load(backend, workers, **options)
+        self._tally = Tally()
         self._closed = False
         self._pid = os.getpid()  # the child of a user's os.fork() cannot use it
         self._tokens: list[Any] = []
@@ -283,6 +300,14 @@ class Pool:
         if os.getpid() == self._pid:  # a forked child must not stop its parent's workers
             self._backend.shutdown(True, True, terminate=True)
 
+    def stats(self) -> PoolStats:
+        """A snapshot of this pool's tasks and workers (see :class:`PoolStats`).
+
+        Cheap: call it as often as you like, from any thread, during a
+        ``map`` too; it still works after the pool is shut down.
+        """
+        return self._tally.snapshot(self._backend.counts())
+
     def _check_open(self) -> Backend:
         if self._closed:
             raise PoolClosed(f"{self!r} is shut down; start a new pool to run more tasks")
@@ -327,10 +352,12 @@ class Pool:
         plain, options = _unwrap(fn)
         _check_call(plain, args, kwargs)
         task: Task[R] = Task()
-        sink = _TaskSink(task, backend, self._error_hook)
+        sink = _TaskSink(task, backend, self._tally, self._error_hook)
         sink.job = job = Job(plain, (args,), options, sink, kwargs=kwargs)
         if backend.can_stop_running:
             task._stopper = sink
+        task._on_done = sink.cancelled
+        self._tally.submit(1)
         # A backend may answer a blocking call on this thread (the process
         # pool talks to an idle worker directly).
         submit_and_wait = getattr(backend, "submit_and_wait", None) if wait else None
@@ -346,6 +373,9 @@ class Pool:
             return replacement._submit(fn, args, kwargs, wait)
         except KeyboardInterrupt:
             task.cancel()
+            raise
+        except BaseException:
+            self._tally.withdraw(sink)
             raise
         return task
 
@@ -382,6 +412,7 @@ class Pool:
             progress=progress,
             desc=name,
             reopen=None if self._successor is None else self._replacement_backend,
+            tally=self._tally,
         )
 
     @overload

@@ -110,6 +110,9 @@ class Task(Future[R]):
 
     _stopper: Stopper | None = None
     """Set while the task may run: its ``stop()`` ends it, True if it did."""
+    _on_done: Callable[[Task[Any]], object] | None = None
+    """Called once, as the task becomes done, before its callbacks (the pool's
+    count of cancelled tasks: a result is counted as it is handed over)."""
 
     def __init__(self) -> None:
         # Future.__init__, with a lighter Condition (see _Condition): tens of
@@ -122,6 +125,13 @@ class Task(Future[R]):
         self._exception: BaseException | None = None
         self._waiters: list[Any] = []
         self._done_callbacks: list[Callable[[Future[R]], object]] = _NO_WAITERS
+
+    def _invoke_callbacks(self) -> None:
+        on_done = self._on_done
+        if on_done is not None:
+            self._on_done = None
+            on_done(self)
+        super()._invoke_callbacks()  # type: ignore[misc]
 
     def add_done_callback(self, fn: Callable[[Future[R]], object]) -> None:
         """Call ``fn(task)`` when the task is done (at once if it is)."""
@@ -208,7 +218,7 @@ class Task(Future[R]):
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
 
     # -- asyncio ------------------------------------------------------------
     def __await__(self) -> Generator[Any, None, R]:

@@ -108,15 +108,80 @@ class _Crashed(ParfnError):
     ...     try:
     ...         pool.apply(os._exit, 3)
     ...     except parfn.WorkerCrashed as e:
-    ...         print("exit code", e.exitcode)
+    ...         print(e.function, "ended with exit code", e.exitcode)
     ...     pool.apply(abs, -2)  # a new worker took its place
-    exit code 3
+    _exit ended with exit code 3
     2
+
+    What the crash report says, as attributes (None where unknown):
+
+    * ``function``: the qualified name of the function that was running;
+    * ``index``: the item's index in its ``map`` (None for a single call);
+    * ``pid``: the worker process's id;
+    * ``exitcode``: its exit code, negative for a signal (``-11``: SIGSEGV);
+      ``signal``: that signal's number, or None if it exited;
+    * ``stderr``: the last lines the worker wrote to ``sys.stderr`` before it
+      died, a segfault's tracebacks (faulthandler's dump) included; ``""`` if
+      none.
+
+    The message says all of these; ``str(e)`` is what to show a person.
     """
 
-    def __init__(self, message: str, exitcode: int | None = None) -> None:
+    function: str | None
+    index: int | None
+    pid: int | None
+    exitcode: int | None
+    stderr: str
+
+    def __init__(
+        self,
+        message: str | None = None,
+        exitcode: int | None = None,
+        *,
+        function: str | None = None,
+        index: int | None = None,
+        pid: int | None = None,
+        cause: str = "",
+        stderr: str = "",
+    ) -> None:
         self.exitcode = exitcode
-        super().__init__(message)
+        self.function = function
+        self.index = index
+        self.pid = pid
+        self.stderr = stderr
+        self._message = message
+        self._cause = cause
+        super().__init__(message if message is not None else cause)
+
+    @property
+    def signal(self) -> int | None:
+        """The number of the signal that ended the worker; None if it exited."""
+        code = self.exitcode
+        return -code if code is not None and code < 0 else None
+
+    def summary(self) -> str:
+        """The message's first line: what died, running what, and how."""
+        if self._message is not None:
+            return self._message
+        who = "the worker process" if self.pid is None else f"the worker process {self.pid}"
+        if self.function is not None:
+            who += f" running {self.function}()"
+        if self.index is not None:
+            who += f" on item {self.index} of its map"
+        return (
+            f"{who} died: {self._cause or 'it ended'}. The worker was replaced; "
+            "other tasks are unaffected"
+        )
+
+    def __str__(self) -> str:
+        text = self.summary()
+        if self.stderr:
+            lines = "\n".join(f"  | {line}" for line in self.stderr.splitlines())
+            text += f"\nThe worker's last lines on stderr:\n{lines}"
+        return text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.summary()!r})"
 
 
 class _OverMemory(_Crashed):

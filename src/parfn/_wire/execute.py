@@ -32,12 +32,13 @@ def run_items(
     star: bool = True,
     kwargs: dict[str, Any] | None = None,
     interrupts: bool = False,
-) -> tuple[list[Any], dict[int, BaseException], float]:
+) -> tuple[list[Any], dict[int, BaseException], float, int]:
     """Run ``fn`` on ``items[lo:hi]`` (see ``Job``); each item fails alone.
 
-    Returns ``(values, errors, elapsed)``: ``values[i - lo]`` is item i's
-    result (None where it failed), ``errors[i]`` the exception item i raised
-    after ``retries`` more tries. ``status`` (a process worker's status slot,
+    Returns ``(values, errors, elapsed, retried)``: ``values[i - lo]`` is item
+    i's result (None where it failed), ``errors[i]`` the exception item i
+    raised after ``retries`` more tries, ``retried`` how many times an item
+    was run again. ``status`` (a process worker's status slot,
     float64) gets each item's index as it starts and, when ``timed``, its
     start time. A SystemExit raised by the function is its outcome, as in
     ``concurrent.futures``. So is a KeyboardInterrupt when ``interrupts``:
@@ -70,9 +71,10 @@ def run_items(
                 errors[lo + len(values)] = exc
                 values.append(None)
                 done = len(values)
-        return values, errors, time.perf_counter() - start
+        return values, errors, time.perf_counter() - start, 0
     kw = kwargs or {}
     append = values.append
+    retried = 0
     for i in range(lo, hi):
         args = items[i] if star else (items[i],)
         for attempt in range(retries + 1):
@@ -86,7 +88,9 @@ def run_items(
                 if attempt == retries:
                     append(None)
                     errors[i] = exc
+                else:
+                    retried += 1
             else:
                 append(value)
                 break
-    return values, errors, time.perf_counter() - start
+    return values, errors, time.perf_counter() - start, retried

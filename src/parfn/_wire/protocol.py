@@ -6,11 +6,21 @@ Parent -> worker, one frame each (the parent may put several in one write)::
     Batch(runs)                run these, in order; one Results frame answers
     Cancel(run_id)             drop that run if it has not started
     Forget(fn_ids)             drop these functions: no Batch yet to run uses them
+    LogLevels(levels, disable) the levels the parent's loggers have set: the
+                               worker's loggers take them (sent before a Batch
+                               when they changed)
 
 Worker -> parent::
 
     Results(done)              the outcomes of one Batch, a Done per Run
     InitFailed(error)          the initializer raised; the worker then exits
+    Log(record)                a log record, as a dict of its attributes
+    Output(stream, text)       text written to sys.stdout (1) or sys.stderr (2)
+
+``Log`` and ``Output`` are written as they happen, on the same pipe as the
+results: what a task logged or printed arrives before its result. The parent
+re-emits them (``parfn.backends._replay``); the worker's side is
+``parfn._wire.capture``.
 
 The parent keeps track of the functions each worker holds, and has it forget
 the least recently used ones beyond a bound (``parfn.backends.process._dispatch``): a function
@@ -41,7 +51,10 @@ __all__ = (
     "Done",
     "Forget",
     "InitFailed",
+    "Log",
+    "LogLevels",
     "Message",
+    "Output",
     "Results",
     "Run",
     "decode",
@@ -94,7 +107,8 @@ class Done(NamedTuple):
     when the run was cancelled before it started, and empty when its
     arguments could not be loaded (the parent then sends the items one by one).
     A short run of plain scalars that raised nothing sends its ``values``
-    list itself, inline.
+    list itself, inline. ``retried``: how many times items were run again
+    because they raised (for ``pool.stats()``).
     """
 
     run_id: int
@@ -102,6 +116,7 @@ class Done(NamedTuple):
     hi: int
     payload: bytes | list[Any] | None
     elapsed: float
+    retried: int = 0
 
 
 class Results(NamedTuple):
@@ -112,11 +127,49 @@ class InitFailed(NamedTuple):
     error: ExceptionEnvelope
 
 
-Message = Define | Batch | Cancel | Forget | Results | InitFailed
+class Log(NamedTuple):
+    """A record logged in the worker: its attributes, made picklable (the
+    message formatted, a traceback as text), plus ``parfn_pid`` and
+    ``parfn_function``."""
+
+    record: dict[str, Any]
+
+
+class Output(NamedTuple):
+    """Text the worker wrote to ``sys.stdout`` (``stream`` 1) or ``sys.stderr`` (2).
+
+    Complete lines, except when the worker flushed a partial one: the parent
+    writes out whole lines only.
+    """
+
+    stream: int
+    text: str
+
+
+class LogLevels(NamedTuple):
+    """The levels set on the parent's loggers (``""``: the root) and its
+    ``logging.disable`` level: the worker's loggers create the records the
+    parent may handle, and no others."""
+
+    levels: dict[str, int]
+    disable: int
+
+
+Message = Define | Batch | Cancel | Forget | Results | InitFailed | Log | Output | LogLevels
 
 # On the wire a message is a plain tuple ``(kind, *fields)``, its nested
 # messages plain tuples too: pickling named classes costs a Python call each.
-_KINDS: dict[type, int] = {Define: 0, Batch: 1, Cancel: 2, Results: 3, InitFailed: 4, Forget: 5}
+_KINDS: dict[type, int] = {
+    Define: 0,
+    Batch: 1,
+    Cancel: 2,
+    Results: 3,
+    InitFailed: 4,
+    Forget: 5,
+    Log: 6,
+    Output: 7,
+    LogLevels: 8,
+}
 
 
 def encode(message: Message) -> bytes:
@@ -136,5 +189,5 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     return _CLASSES[kind]._make(fields)  # type: ignore[no-any-return]
 
 
-_CLASSES: list[Any] = [Define, Batch, Cancel, Results, InitFailed, Forget]
+_CLASSES: list[Any] = [Define, Batch, Cancel, Results, InitFailed, Forget, Log, Output, LogLevels]
 PROTOCOL = pickle.HIGHEST_PROTOCOL

@@ -23,9 +23,18 @@ Contract for a backend, whatever runs the items:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-__all__ = ("Backend", "Item", "Job", "Options", "Sink", "available_cpus", "fail_items")
+__all__ = (
+    "Backend",
+    "Counts",
+    "Item",
+    "Job",
+    "Options",
+    "Sink",
+    "available_cpus",
+    "fail_items",
+)
 
 Item = Any
 """One call's positional arguments: a tuple when ``job.star``, else the one argument."""
@@ -135,6 +144,22 @@ class Job:
 _NO_KWARGS: dict[str, Any] = {}
 
 
+class Counts(NamedTuple):
+    """What a backend reports to ``pool.stats()``: what only it knows.
+
+    ``running``: items being run right now; ``workers``: its workers now;
+    ``restarts``: workers it replaced; ``crashed``, ``timed_out``: runs of
+    an item that ended so; ``retried``: runs again of an item (``retries``).
+    """
+
+    running: int
+    workers: int
+    restarts: int = 0
+    crashed: int = 0
+    timed_out: int = 0
+    retried: int = 0
+
+
 class Backend(Protocol):
     """What ``parfn.Pool`` needs of an engine that runs Jobs."""
 
@@ -160,6 +185,10 @@ class Backend(Protocol):
         ones are ended too (their items get ``CancelledError``; a backend
         that cannot stop a running item lets it go on unobserved).
         Idempotent, except that a later call may cancel or terminate more."""
+        ...
+
+    def counts(self) -> Counts:
+        """Its part of ``pool.stats()``, now: cheap, called from any thread."""
         ...
 
 

@@ -22,7 +22,8 @@ from typing import Any
 from .. import _scope
 from .._wire.errors import TaskTimeout
 from .._wire.execute import run_items
-from ._base import Job, available_cpus, fail_items
+from ._base import Counts, Job, available_cpus, fail_items
+from ._events import task_timed_out
 
 __all__ = ("ThreadBackend",)
 
@@ -58,6 +59,9 @@ class ThreadBackend:
         self._lock = threading.Lock()
         self._queued: set[_Run] = set()  # guarded by _lock
         self._running: set[_Run] = set()  # guarded by _lock
+        # For pool.stats() (guarded by _lock): items past their timeout, runs
+        # again of items that raised.
+        self._timed_out = self._retried = 0
 
     def submit(self, job: Job) -> None:
         n = len(job.items)
@@ -93,7 +97,7 @@ class ThreadBackend:
             timer.start()
         inside = _scope.in_task.set(True)  # nested calls run in this thread
         try:
-            values, errors, elapsed = run_items(
+            values, errors, elapsed, retried = run_items(
                 job.fn,
                 job.items,
                 run.lo,
@@ -107,21 +111,26 @@ class ThreadBackend:
             _scope.in_task.reset(inside)
         if timer is not None:
             timer.cancel()
-        if self._take(run):
+        if self._take(run, retried):
             job.sink.deliver(run.lo, values, errors, elapsed)
 
-    def _take(self, run: _Run) -> bool:
+    def _take(self, run: _Run, retried: int = 0) -> bool:
         with self._lock:
             taken, run.delivered = run.delivered, True
+            if not taken:
+                self._retried += retried
             return not taken
 
     def _expire(self, run: _Run, timeout: float) -> None:
         if self._take(run):
+            with self._lock:
+                self._timed_out += run.hi - run.lo
             name = getattr(run.job.fn, "__qualname__", repr(run.job.fn))
             text = (
                 f"{name} ran past its timeout of {timeout:g} s; the thread backend cannot "
                 "stop a running thread, so it goes on in the background"
             )
+            task_timed_out(name, timeout, "its thread goes on in the background")
             fail_items(run.job, run.lo, run.hi, lambda i: TaskTimeout(text))
 
     def cancel(self, job: Job) -> bool:
@@ -130,6 +139,15 @@ class ThreadBackend:
             runs = {run for run in self._queued if run.job is job}
             self._queued -= runs
         return bool(runs)
+
+    def counts(self) -> Counts:
+        with self._lock:
+            return Counts(
+                running=len(self._running),
+                workers=self.workers,
+                timed_out=self._timed_out,
+                retried=self._retried,
+            )
 
     def shutdown(self, wait: bool, cancel_pending: bool, terminate: bool = False) -> None:
         """Stop; see ``backends._base``. A thread cannot be stopped: with

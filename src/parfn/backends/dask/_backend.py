@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 from ..._wire.errors import PoolClosed, SerializationError
-from .._base import Job
+from .._base import Counts, Job
 from ._cluster import Connection, Markers, check_options
 from ._collector import Collector
 from ._deadlines import Deadlines
@@ -63,6 +63,9 @@ class DaskBackend:
         self._deadlines: Deadlines | None = None  # guarded by _lock
         self._keys = itertools.count()
         self._pickles = FunctionPickles()
+        # For pool.stats() (guarded by _lock): items whose worker died under
+        # them, items past their timeout, runs again of items (retries).
+        self._crashes = self._timed_out = self._retried = 0
 
         # Imports distributed, or says what to install.
         self._conn = Connection(
@@ -263,6 +266,8 @@ class DaskBackend:
         if not retry:
             self._deliver(job, lo, values, errors, elapsed)
             return
+        with self._lock:
+            self._retried += len(retry)
         # Deliver the others; run each item that raised again, on its own.
         start = lo
         for i in [*retry, hi - lo]:
@@ -291,6 +296,8 @@ class DaskBackend:
             return
         # A cluster parfn did not start may have re-run it already.
         tries = run.tries + 1 + int(getattr(error, "allowed_failures", 0) or 0)
+        with self._lock:
+            self._crashes += 1
         self._retry_or_fail(run, tries, lambda i: crashed(job, error, phase))
 
     def _retry_or_fail(self, run: Run, tries: int, error: Callable[[int], BaseException]) -> None:
@@ -298,6 +305,8 @@ class DaskBackend:
         job's ``retries`` allow; else deliver ``error`` in its place."""
         job = run.job
         if tries <= job.options.retries:
+            with self._lock:
+                self._retried += 1
             self._launch_each(job, [run.lo], tries, run.fn_data)
         else:
             self._fail(job, run.lo, run.hi, error)
@@ -327,7 +336,20 @@ class DaskBackend:
             with contextlib.suppress(Exception):  # a client gone: so is its future
                 run.future.cancel()
         job = run.job
+        with self._lock:
+            self._timed_out += 1
         self._retry_or_fail(run, run.tries + 1, lambda i: timed_out(job))
+
+    def counts(self) -> Counts:
+        """For ``pool.stats()``: a run is counted running while it is in flight in Dask."""
+        with self._lock:
+            return Counts(
+                running=self._running,
+                workers=self.workers,
+                crashed=self._crashes,
+                timed_out=self._timed_out,
+                retried=self._retried,
+            )
 
     # -- cancelling and shutting down -----------------------------------------------
 

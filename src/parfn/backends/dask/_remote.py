@@ -106,7 +106,9 @@ def _run_here(fn_data: bytes, payload: bytes, loaded: Callable[[], None]) -> byt
     loaded()
     inside = _scope.in_task.set(True)  # nested calls run here, in this task
     try:
-        values, errors, elapsed = run_items(fn, items, 0, len(items), 0, star=star, kwargs=kwargs)
+        values, errors, elapsed, _ = run_items(
+            fn, items, 0, len(items), 0, star=star, kwargs=kwargs
+        )
     except BaseException as exc:  # SystemExit and the like: must not end the caller
         failure = RemoteError(
             f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),

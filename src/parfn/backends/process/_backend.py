@@ -22,12 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..._wire.errors import PoolClosed, SerializationError
-from ..._wire.protocol import Cancel, InitFailed, Results, decode, encode
+from ..._wire.protocol import SLOT_JOB, Cancel, encode
 from ..._wire.serialize import dump_function
 from ..._wire.shm import release_leftovers, sweep_stale
 from ..._wire.threadcaps import default_threads_per_worker, thread_caps
-from .._base import Job, available_cpus
-from ._deaths import account_for_exit, fail_everything, fail_pending, on_init_failed
+from .._base import Counts, Job, available_cpus
+from ._deaths import account_for_exit, fail_everything, fail_pending
 from ._dispatch import (
     cancel_everything,
     cancel_queued,
@@ -39,8 +39,9 @@ from ._dispatch import (
     start_work,
 )
 from ._memory import parse_memory_limit, watch_memory
+from ._messages import read_messages
 from ._oom import start_counting
-from ._results import deliver_one, on_results
+from ._results import deliver_one
 from ._start import (
     JOIN_TIMEOUT,
     check_initargs,
@@ -192,14 +193,9 @@ class ProcessPool(PoolState):
                         channel.flush()
                 if channel.fd in readable:
                     frames, eof = channel.read()
-                    for frame in frames:
-                        message = decode(frame)
-                        if isinstance(message, Results):
-                            delivered += on_results(self, worker, message)
-                        else:  # InitFailed: its runs fail with the error
-                            on_init_failed(self, worker, message.error)  # type: ignore[union-attr, arg-type]
-                            return
-                    if eof:
+                    answered, init_failed = read_messages(self, worker, frames)
+                    delivered += answered
+                    if eof or init_failed:
                         return
                 if sentinel in readable:
                     return
@@ -292,6 +288,19 @@ class ProcessPool(PoolState):
                 replace_workers(self)
             return [w.process for w in self._workers if not w.retiring and not w.died]
 
+    def counts(self) -> Counts:
+        """For ``pool.stats()``: a worker runs an item while its status slot names a run."""
+        with self._lock:
+            workers = self._workers
+            return Counts(
+                running=sum(1 for w in workers if w.runs and w.status[SLOT_JOB]),
+                workers=len(workers),
+                restarts=self._restarts,
+                crashed=self._crashed,
+                timed_out=self._timed_out,
+                retried=self._retried,
+            )
+
     def _pending_output(self) -> bool:
         return any(w.channel.out for w in self._workers)
 
@@ -383,13 +392,8 @@ class ProcessPool(PoolState):
 
     def _on_readable(self, worker: Worker) -> None:
         frames, _eof = worker.channel.read()
-        for frame in frames:
-            message = decode(frame)
-            if isinstance(message, Results):
-                self._finished += on_results(self, worker, message)
-            elif isinstance(message, InitFailed):
-                # Its envelope was rebuilt into the exception while decoding.
-                on_init_failed(self, worker, message.error)  # type: ignore[arg-type]
+        if frames:
+            self._finished += read_messages(self, worker, frames)[0]
 
     def _on_exit(self, worker: Worker) -> None:
         """A worker's process ended: account for every run it had.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import threading
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -66,13 +67,19 @@ def _missing(buf: bytearray) -> int:
     return _bounds(buf, 0)[1] - len(buf)
 
 
+_write_lock = threading.Lock()
+"""A worker's loop and the threads that forward its logs and prints
+(``parfn._wire.capture``) write whole frames, one at a time."""
+
+
 def write_frame(fd: int, data: bytes) -> None:
-    """Write one frame to a blocking ``fd`` (the worker's end)."""
-    if len(data) < _READ_SIZE:
-        _write_all(fd, memoryview(_frame(data)))
-    else:  # big: no copy of the data to put the header in front
-        _write_all(fd, memoryview(_header(len(data))))
-        _write_all(fd, memoryview(data))
+    """Write one frame to a blocking ``fd`` (the worker's end); any thread."""
+    with _write_lock:
+        if len(data) < _READ_SIZE:
+            _write_all(fd, memoryview(_frame(data)))
+        else:  # big: no copy of the data to put the header in front
+            _write_all(fd, memoryview(_header(len(data))))
+            _write_all(fd, memoryview(data))
 
 
 def _header(n: int) -> bytes:

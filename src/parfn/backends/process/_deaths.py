@@ -7,6 +7,12 @@ and the runs it had not started are requeued. A worker whose initializer
 raised fails every run it had with that error; a failure of the manager
 thread itself fails every run of the pool. Failures are collected under
 the lock and handed to the sinks later, with no lock held (``fail_pending``).
+
+A crash report (``WorkerCrashed``) names the function, the worker's pid,
+its exit code or signal, and the last lines it wrote to stderr, with the
+tracebacks faulthandler wrote if it crashed in native code. Every worker that
+ends for a reason other than the pool closing is logged on the "parfn"
+logger (``parfn.backends._events``), and counted for ``pool.stats()``.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError
 
 from ..._wire import errors
+from ..._wire.capture import fault_path
 from ..._wire.errors import TaskTimeout
 from ..._wire.protocol import ANY_ITEM
 from .._base import Job
-from ._memory import memory_error
+from .._events import worker_replaced
+from ._memory import format_bytes, memory_error
 from ._oom import oom_killed
 from ._start import retire
 from ._state import PoolState, Work, Worker, describe_exit, fn_name
@@ -27,7 +35,7 @@ from ._state import PoolState, Work, Worker, describe_exit, fn_name
 __all__ = (
     "account_for_exit",
     "blame",
-    "crash_text",
+    "crashed",
     "fail_everything",
     "fail_pending",
     "on_init_failed",
@@ -61,11 +69,16 @@ def account_for_exit(pool: PoolState, worker: Worker) -> None:
     for every run it had (manager thread; takes ``_lock``)."""
     process = worker.process
     process.join()
-    pool._dead_pids.append(process.pid)  # its leftovers go in _deliver_all
+    pid = process.pid
+    pool._dead_pids.append(pid)  # its leftovers go in _deliver_all
     exitcode = process.exitcode
     run_id, index, _ = worker.read_status()
     reason = worker.kill_reason
     oom = oom_killed(exitcode) if reason is None else False
+    worker.output.end_task()
+    if reason is None and exitcode:
+        worker.output.add_fault(_read_fault(pid))
+    function: str | None = None
     with pool._lock:
         pool._workers.remove(worker)
         retire(pool, worker)
@@ -85,9 +98,11 @@ def account_for_exit(pool: PoolState, worker: Worker) -> None:
                 # It died in a chunk run as one C-level loop: run the
                 # items again one by one, so that only the culprit fails.
                 blamed = True
+                function = fn_name(state.job)
                 requeue.extend(Work(state, i, i + 1, work.retries) for i in range(work.lo, work.hi))
             else:
                 blamed = True
+                function = fn_name(state.job)
                 if index < work.lo:  # it died loading the run's arguments
                     lo, hi = work.lo, work.hi
                 else:
@@ -99,7 +114,13 @@ def account_for_exit(pool: PoolState, worker: Worker) -> None:
                 error = blame(work, exitcode, reason, run_id, index, oom, pool, worker)
                 if error is None:  # killed by us, but not for this item
                     requeue.append(Work(state, lo, hi, work.retries))
-                elif work.retries > 0:
+                    continue
+                if reason is None or reason[0] == "memory":
+                    pool._crashed += 1
+                elif reason[0] == "timeout":
+                    pool._timed_out += 1
+                if work.retries > 0:
+                    pool._retried += 1
                     requeue.append(Work(state, lo, hi, work.retries - 1))
                 else:
                     failures.append((state.job, lo, hi, error))
@@ -110,19 +131,69 @@ def account_for_exit(pool: PoolState, worker: Worker) -> None:
             first.crashes += 1
             if first.crashes >= 3:
                 requeue.pop(0)
-                text = crash_text(first.state.job, exitcode, oom)
+                pool._crashed += 1
                 failures.append(
                     (
                         first.state.job,
                         first.lo,
                         first.hi,
-                        lambda: errors.WorkerCrashed(text, exitcode),
+                        crashed(
+                            first.state.job, worker, exitcode, " while reading its messages", oom
+                        ),
                     )
                 )
         for work in reversed(requeue):
             if work.hi > work.lo:
                 pool._queue.appendleft(work)
+        replaced = not pool._stopping
+        if replaced and (reason is None or reason[0] != "shutdown"):
+            pool._restarts += 1
     process.close()
+    _log_exit(pool, worker, pid, exitcode, reason, function, replaced, oom)
+
+
+def _log_exit(
+    pool: PoolState,
+    worker: Worker,
+    pid: int | None,
+    exitcode: int | None,
+    reason: tuple[str, int, int] | None,
+    function: str | None,
+    replaced: bool,
+    oom: bool | None,
+) -> None:
+    """The "parfn" logger's record of a worker that ended (no lock held)."""
+    over = worker.memory.over if worker.memory is not None else 0
+    if reason is not None:
+        why, detail = reason[0], ""
+        if why == "shutdown":
+            return  # the pool is closing: nothing was replaced
+    elif worker.retiring and exitcode == 0:
+        why, detail = "recycle", ""
+    else:
+        why, detail = "crash", describe_exit(exitcode, oom)
+    if why == "memory" or (why == "recycle" and over):
+        detail = (
+            f"it used {format_bytes(over)}, above "
+            f"max_memory_per_worker={format_bytes(pool._memory_limit or 0)}"
+        )
+    elif why == "recycle":
+        detail = "it ran its max_tasks_per_worker tasks"
+    worker_replaced(
+        why, pid, detail=detail, exitcode=exitcode, function=function, replaced=replaced
+    )
+
+
+def _read_fault(pid: int | None) -> str:
+    """What faulthandler wrote in worker ``pid`` as it crashed ("" if nothing)."""
+    path = None if pid is None else fault_path(pid)
+    if path is None:
+        return ""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read(1 << 16)
+    except OSError:
+        return ""
 
 
 def blame(
@@ -138,7 +209,8 @@ def blame(
     """The error for the item a dead worker was running; None: not its fault.
 
     ``oom``: whether the kernel's OOM killer killed it (``_oom``); ``pool``
-    and ``worker`` tell the memory it was killed for using (``_memory``).
+    and ``worker`` tell the memory it was killed for using (``_memory``);
+    ``worker`` also what it wrote to stderr, for the crash report.
     """
     job = work.state.job
     if reason is not None:
@@ -156,20 +228,27 @@ def blame(
         if why == "memory" and pool is not None and worker is not None:
             limit, seen = pool._memory_limit, worker.memory.over
             return lambda: memory_error(job, limit, seen, exitcode)
-    text = crash_text(job, exitcode, oom)
-    if index < work.lo:
-        text += " while loading the arguments"
-    return _crashed(text, exitcode)
+    when = " while loading the arguments" if index < work.lo else ""
+    return crashed(job, worker, exitcode, when, oom)
 
 
-def _crashed(text: str, exitcode: int | None) -> Callable[[], BaseException]:
-    return lambda: errors.WorkerCrashed(text, exitcode)
+def crashed(
+    job: Job,
+    worker: Worker | None,
+    exitcode: int | None,
+    when: str = "",
+    oom: bool | None = None,
+) -> Callable[[], BaseException]:
+    """The crash report of ``job``'s item that ``worker`` was running (one per item).
 
-
-def crash_text(job: Job, exitcode: int | None, oom: bool | None = None) -> str:
-    return (
-        f"the worker process running {fn_name(job)}() died: "
-        f"{describe_exit(exitcode, oom)}. The worker was replaced; other tasks are unaffected"
+    ``oom``: whether the kernel's OOM killer killed it (``_oom``).
+    """
+    function = fn_name(job)
+    pid = None if worker is None else worker.process.pid
+    cause = describe_exit(exitcode, oom) + when
+    stderr = "" if worker is None else worker.output.last_lines()
+    return lambda: errors.WorkerCrashed(
+        exitcode=exitcode, function=function, pid=pid, cause=cause, stderr=stderr
     )
 
 

@@ -29,6 +29,7 @@ from ..._wire.errors import PoolClosed, SerializationError
 from ..._wire.protocol import Batch, Define, Forget, Run, encode
 from ..._wire.serialize import describe_item_error, dump_function, dumps
 from .._base import Job
+from .._replay import wanted_levels
 from ._state import JobState, PickledFunction, PoolState, Work, Worker
 
 __all__ = (
@@ -196,7 +197,12 @@ def start_work(work: Work) -> bool:
 
 def send(pool: PoolState, worker: Worker, works: list[Work]) -> None:
     """Send ``works`` to ``worker`` as one Batch. Caller holds ``_lock``."""
-    frames = []
+    levels = wanted_levels()
+    if worker.output.levels is not levels:  # its loggers take this process's levels first
+        worker.output.levels = levels
+        frames = [levels.frame]
+    else:
+        frames = []
     runs = []
     fns = worker.fns
     for work in works:

@@ -39,6 +39,8 @@ def on_results(pool: PoolState, worker: Worker, message: Results) -> list[tuple[
                 pool._timed -= 1
             n = work.hi - work.lo
             worker.items_run += n
+            if done.retried:
+                pool._retried += done.retried
             if done.payload is not None and n:
                 fn_id = work.state.fn_id
                 per_item = done.elapsed / n

@@ -23,6 +23,7 @@ from ..._wire.protocol import SLOT_INDEX, SLOT_JOB, SLOT_START
 from ..._wire.serialize import loads
 from ..._wire.shm import has_segments, release
 from .._base import Job
+from .._replay import WorkerOutput
 from ._channel import Channel
 
 __all__ = (
@@ -111,6 +112,7 @@ class Worker:
         "items_sent",
         "kill_reason",
         "memory",
+        "output",
         "process",
         "retiring",
         "runs",
@@ -136,6 +138,7 @@ class Worker:
         self.borrowed = False  # a caller talks to it directly (see _talk)
         self.died = False  # it died while borrowed
         self.memory: Any = None  # what the memory watch knows of it (_memory.Seen)
+        self.output = WorkerOutput()  # its prints, being assembled into lines
 
     def read_status(self) -> tuple[int, int, float]:
         """(run id, item index, start time): a consistent snapshot."""
@@ -216,6 +219,9 @@ class PoolState:
         self._thread_caps: dict[str, str] = {}  # set in each worker (_wire.threadcaps)
         self._memory_limit: int | None = None  # max_memory_per_worker, bytes (_memory)
         self._memory_look = 0.0  # when the manager looks at busy workers' memory next
+        # For pool.stats() (guarded by _lock): items whose worker died under
+        # them, items that ran past their timeout, runs again, workers replaced.
+        self._crashed = self._timed_out = self._retried = self._restarts = 0
 
     def _wake(self) -> None:
         """Make the manager run its loop once more (after the caller queued work)."""

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..._wire import capture
 from ..._wire.errors import SerializationError
 from ..._wire.execute import run_items
 from ..._wire.protocol import (
@@ -40,6 +41,7 @@ from ..._wire.protocol import (
     Done,
     Forget,
     InitFailed,
+    LogLevels,
     Results,
     Run,
     decode,
@@ -89,7 +91,10 @@ def worker_main(
     if owner_pid:
         _die_with_parent(parent_pid, owner_pid)
     status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
-    if not _run_initializer(conn.fileno(), init, initargs):
+    fd = conn.fileno()
+    # Its logs and prints go to the parent, from the initializer on.
+    capture.install(lambda frame: write_frame(fd, frame), capture.fault_path(os.getpid()))
+    if not _run_initializer(fd, init, initargs):
         os._exit(1)
     _Worker(conn, status).loop()
     os._exit(0)
@@ -176,6 +181,7 @@ class _Worker:
             if self.pending:
                 batch = self.pending.popleft()
                 results = encode(Results([self._run(run) for run in batch.runs]))
+                capture.end_of_batch()  # what it printed goes first
                 try:
                     write_frame(fd, results)
                 except OSError:
@@ -197,6 +203,8 @@ class _Worker:
             for fn_id in message.fn_ids:
                 self.functions.pop(fn_id, None)
                 self.broken_functions.pop(fn_id, None)
+        elif isinstance(message, LogLevels):
+            capture.set_levels(message)
         else:  # pragma: no cover - a bug in the parent
             raise TypeError(f"unexpected message {message!r}")
 
@@ -210,6 +218,7 @@ class _Worker:
         status[SLOT_JOB] = float(run.run_id)
         try:
             fn = self.functions[run.fn_id]
+            capture.running(fn)
             star, kwargs, items = loads(run.data, "the arguments")
         except Exception as exc:
             if run.fn_id not in self.broken_functions and run.hi - run.lo > 1:
@@ -222,7 +231,7 @@ class _Worker:
                 run.run_id, run.lo, run.hi, dumps(([None] * (run.hi - run.lo), errors)), 0.0
             )
 
-        values, raised, elapsed = run_items(
+        values, raised, elapsed, retried = run_items(
             fn,
             items,
             run.lo,
@@ -236,7 +245,8 @@ class _Worker:
         )
         status[SLOT_JOB] = 0.0
         errors = {i: ExceptionEnvelope(exc) for i, exc in raised.items()}
-        return Done(run.run_id, run.lo, run.hi, _pack(values, errors, run.lo, run.data), elapsed)
+        payload = _pack(values, errors, run.lo, run.data)
+        return Done(run.run_id, run.lo, run.hi, payload, elapsed, retried)
 
 
 _INLINE_RUN = 8

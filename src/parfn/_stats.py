@@ -1,0 +1,204 @@
+"""``pool.stats()``: what a pool has done, as a cheap snapshot.
+
+The front end counts every task (one map item is one task) as it is
+submitted and as its outcome is handed over: the counting is a few integer
+additions under one lock, at most twice per task (or per map chunk). The
+backend adds what only it knows (``backends._base.Counts``): how many items
+are running right now, its workers, and the crashes, timeouts and retries it
+saw. ``queued`` is what remains, so that at any moment::
+
+    done + failed + cancelled + running + queued == submitted
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from concurrent.futures import CancelledError
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from .backends._base import Counts
+
+__all__ = ("FunctionStats", "PoolStats", "Tally")
+
+
+class FunctionStats(NamedTuple):
+    """What one function's tasks did, in :attr:`PoolStats.by_function`.
+
+    ``calls``: its tasks that ran to an outcome (a value or an exception);
+    ``failures``: those that ended with an exception (a crash or a timeout
+    included); ``total_seconds``: the time they ran, in the workers;
+    ``max_seconds``: the longest one (for items of a ``map`` run together as
+    one chunk, each counts as the chunk's average).
+    """
+
+    calls: int
+    failures: int
+    total_seconds: float
+    max_seconds: float
+
+
+class PoolStats(NamedTuple):
+    """A snapshot of a pool's tasks and workers: ``pool.stats()``.
+
+    >>> import parfn
+    >>> with parfn.Pool(2, backend="thread") as pool:
+    ...     _ = pool.map(abs, [-1, -2, -3])
+    ...     stats = pool.stats()
+    >>> stats.submitted, stats.done, stats.failed, stats.queued
+    (3, 3, 0, 0)
+    >>> stats.by_function["abs"].calls
+    3
+
+    Tasks (one item of a ``map`` is one task), at any moment
+    ``done + failed + cancelled + running + queued == submitted``:
+
+    * ``submitted``: tasks handed to the pool;
+    * ``running``: being run right now (at most one per worker);
+    * ``queued``: submitted, neither running nor finished (waiting in the
+      pool, or already sent to a worker, behind another);
+    * ``done``: finished with a value; ``failed``: with an exception (a crash
+      or a timeout included); ``cancelled``: cancelled before they finished.
+
+    What happened along the way: ``retried`` (runs again of a task that
+    raised, crashed or timed out, with ``retries``), ``timed_out`` (runs that
+    went past their ``timeout``), ``crashed`` (runs whose worker process died
+    under them). The workers: ``workers`` (how many now) and ``restarts``
+    (workers replaced: crashed, timed out, recycled by
+    ``max_tasks_per_worker``). ``by_function`` maps each function's qualified
+    name to its :class:`FunctionStats`.
+    """
+
+    submitted: int
+    running: int
+    queued: int
+    done: int
+    failed: int
+    cancelled: int
+    retried: int
+    timed_out: int
+    crashed: int
+    workers: int
+    restarts: int
+    by_function: Mapping[str, FunctionStats]
+
+
+class Tally:
+    """The front end's counts for one pool; every method may be called from any thread.
+
+    A task's outcome is counted once, when it is handed over: ``task``
+    (a single call, through its sink, or when its Task is cancelled) or
+    ``items`` (a delivery of map items). ``drop`` counts the items of a map
+    chunk that will never be delivered (the map was abandoned or cancelled).
+    """
+
+    __slots__ = ("_functions", "_lock", "cancelled", "done", "failed", "submitted")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.submitted = self.done = self.failed = self.cancelled = 0
+        self._functions: dict[str, list[Any]] = {}  # name -> [calls, failures, total, max]
+
+    def submit(self, n: int) -> None:
+        with self._lock:
+            self.submitted += n
+
+    def task(self, owner: Any, name: str, error: BaseException | None, elapsed: float) -> None:
+        """A single call's outcome (``owner``: its sink; counted once per owner)."""
+        with self._lock:
+            if owner.counted:
+                return
+            owner.counted = True
+            if error is None:
+                self.done += 1
+            elif isinstance(error, CancelledError):
+                self.cancelled += 1
+                return
+            else:
+                self.failed += 1
+            entry = self._functions.get(name)
+            if entry is None:
+                entry = self._functions[name] = [0, 0, 0.0, 0.0]
+            entry[0] += 1
+            entry[2] += elapsed
+            if error is not None:
+                entry[1] += 1
+            if elapsed > entry[3]:
+                entry[3] = elapsed
+
+    def items(
+        self, owner: Any, name: str, n: int, errors: dict[int, BaseException], elapsed: float
+    ) -> None:
+        """``n`` items of a map chunk were delivered (``owner``: the chunk,
+        whose ``unsettled`` count they come off)."""
+        with self._lock:
+            if owner.unsettled <= 0:
+                return  # dropped already
+            owner.unsettled -= n
+            cancelled = 0
+            if errors:
+                for error in errors.values():
+                    if isinstance(error, CancelledError):
+                        cancelled += 1
+                self.cancelled += cancelled
+                self.failed += len(errors) - cancelled
+            self.done += n - len(errors)
+            ran = n - cancelled
+            if not ran:
+                return
+            entry = self._functions.get(name)
+            if entry is None:
+                entry = self._functions[name] = [0, 0, 0.0, 0.0]
+            entry[0] += ran
+            entry[1] += len(errors) - cancelled
+            entry[2] += elapsed
+            if elapsed / n > entry[3]:
+                entry[3] = elapsed / n
+
+    def withdraw(self, owner: Any) -> None:
+        """A single call's submission failed: it does not count (and never will)."""
+        with self._lock:
+            if not owner.counted:
+                owner.counted = True
+                self.submitted -= 1
+
+    def withdraw_items(self, owner: Any) -> None:
+        """A map chunk's submission failed: its items do not count."""
+        with self._lock:
+            self.submitted -= max(0, owner.unsettled)
+            owner.unsettled = 0
+
+    def drop(self, owner: Any) -> None:
+        """The items of map chunk ``owner`` not delivered yet never will be: cancelled."""
+        with self._lock:
+            if owner.unsettled > 0:
+                self.cancelled += owner.unsettled
+                owner.unsettled = 0
+
+    def snapshot(self, counts: Counts) -> PoolStats:
+        with self._lock:
+            submitted, done, failed, cancelled = (
+                self.submitted,
+                self.done,
+                self.failed,
+                self.cancelled,
+            )
+            functions = {name: FunctionStats(*entry) for name, entry in self._functions.items()}
+        # The backend's count was taken a moment apart: an item it saw running
+        # may have finished since.
+        running = max(0, min(counts.running, submitted - done - failed - cancelled))
+        return PoolStats(
+            submitted=submitted,
+            running=running,
+            queued=submitted - done - failed - cancelled - running,
+            done=done,
+            failed=failed,
+            cancelled=cancelled,
+            retried=counts.retried,
+            timed_out=counts.timed_out,
+            crashed=counts.crashed,
+            workers=counts.workers,
+            restarts=counts.restarts,
+            by_function=functions,
+        )
