@@ -27,6 +27,8 @@ if _TYPE_CHECKING:
     from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
     from ._local import WorkerLocal as WorkerLocal
     from ._pool import Pool as Pool
+    from ._stats import FunctionStats as FunctionStats
+    from ._stats import PoolStats as PoolStats
     from ._task import Task as Task
     from ._wire.errors import MemoryLimitExceeded as MemoryLimitExceeded
     from ._wire.errors import ParfnError as ParfnError
@@ -37,11 +39,13 @@ if _TYPE_CHECKING:
     from ._wire.errors import WorkerCrashed as WorkerCrashed
 
 __all__ = (
+    "FunctionStats",
     "MemoryLimitExceeded",
     "Parallel",
     "ParfnError",
     "Pool",
     "PoolClosed",
+    "PoolStats",
     "ProcessPoolExecutor",
     "RemoteError",
     "SerializationError",
@@ -58,6 +62,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Pool": "_pool",
+    "PoolStats": "_stats",
+    "FunctionStats": "_stats",
     "ProcessPoolExecutor": "_executor",
     "Task": "_task",
     "WorkerLocal": "_local",

@@ -27,22 +27,35 @@ here: it goes where the worker's descriptors point (inherited from the parent).
 
 A process forked by a task (``os.fork``) stops forwarding: its streams and
 logging are the worker's originals again, and it never writes to the pipe.
+
+Where a worker runs other people's tasks too (a Dask worker), ``collected``
+gathers instead the records one task's thread logs while it runs, to travel
+back with its result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import pickle
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .protocol import Log, LogLevels, Output, encode
 
-__all__ = ("end_of_batch", "fault_path", "install", "running", "set_levels")
+__all__ = (
+    "collected",
+    "end_of_batch",
+    "fault_path",
+    "install",
+    "portable",
+    "running",
+    "set_levels",
+)
 
 MAX_PARTIAL = 1 << 16
 """A partial line longer than this (no newline yet) is sent as it is."""
@@ -157,7 +170,10 @@ def _take_over_logging() -> None:
 _formatter = logging.Formatter()
 
 
-def _encode(record: logging.LogRecord) -> bytes:
+def portable(record: logging.LogRecord, pid: int, fn: Any) -> dict[str, Any]:
+    """``record``'s attributes, ready to travel: its message formatted (its
+    arguments need not pickle), a traceback as text, ``parfn_pid`` and
+    ``parfn_function`` added."""
     fields = record.__dict__.copy()
     fields["msg"] = record.getMessage()
     fields["args"] = None
@@ -166,19 +182,87 @@ def _encode(record: logging.LogRecord) -> bytes:
         if not record.exc_text:
             fields["exc_text"] = _formatter.formatException(record.exc_info)
         fields["exc_info"] = None
-    fields["parfn_pid"] = _pid
-    fn = _function
+    fields["parfn_pid"] = pid
     fields["parfn_function"] = None if fn is None else getattr(fn, "__qualname__", repr(fn))
-    try:
-        return encode(Log(fields))
-    except Exception:
-        pass
-    for key, value in fields.items():  # an attribute passed in ``extra`` that cannot travel
+    return fields
+
+
+def _picklable(fields: dict[str, Any]) -> dict[str, Any]:
+    """An attribute passed in ``extra`` that cannot travel goes as its repr."""
+    for key, value in fields.items():
         try:
             pickle.dumps(value)
         except Exception:
             fields[key] = repr(value)
-    return encode(Log(fields))
+    return fields
+
+
+def _encode(record: logging.LogRecord) -> bytes:
+    fields = portable(record, _pid, _function)
+    try:
+        return encode(Log(fields))
+    except Exception:
+        return encode(Log(_picklable(fields)))
+
+
+MAX_COLLECTED = 10_000
+"""The most records ``collected`` keeps of one task; it counts the others."""
+
+
+class _Collect(logging.Handler):
+    """Keeps the records one thread logs, ready to travel."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.pid = os.getpid()
+        self.fn = fn
+        self.records: list[dict[str, Any]] = []
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
+        if len(self.records) >= MAX_COLLECTED:
+            self.dropped += 1
+            return
+        try:
+            fields = portable(record, self.pid, self.fn)
+            pickle.dumps(fields)
+        except Exception:
+            fields = _picklable(fields)
+        self.records.append(fields)
+
+
+@contextlib.contextmanager
+def collected(fn: Any, levels: LogLevels | None = None) -> Iterator[list[dict[str, Any]]]:
+    """The records this thread logs inside the block (those its loggers make),
+    as ``portable`` dicts; past ``MAX_COLLECTED``, a last one says how many
+    more were dropped. ``levels``: the parent's, to take first (on a worker
+    that runs only this pool's tasks)."""
+    if levels is not None and levels != _applied[0]:
+        set_levels(levels)
+        _applied[0] = levels
+    handler = _Collect(fn)
+    logging.root.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logging.root.removeHandler(handler)
+        if handler.dropped:
+            note = logging.makeLogRecord(
+                {
+                    "name": "parfn",
+                    "levelno": logging.WARNING,
+                    "levelname": "WARNING",
+                    "msg": f"{handler.dropped} more records of this task were dropped "
+                    f"(a task sends at most {MAX_COLLECTED} with its result)",
+                }
+            )
+            handler.records.append(portable(note, handler.pid, fn))
+
+
+_applied: list[LogLevels | None] = [None]
 
 
 # -- sys.stdout and sys.stderr -----------------------------------------------------------------
@@ -204,8 +288,6 @@ class _Lines(io.BufferedIOBase):
         return False
 
     def fileno(self) -> int:
-        if self._fd < 0:
-            raise io.UnsupportedOperation("fileno")
         return self._fd
 
     def write(self, data: Any) -> int:
@@ -242,8 +324,8 @@ class _Lines(io.BufferedIOBase):
 def _stream(number: int, original: Any) -> io.TextIOWrapper:
     try:
         fd = original.fileno()
-    except Exception:
-        fd = -1
+    except Exception:  # not backed by a descriptor: the process's own
+        fd = number
     return io.TextIOWrapper(
         _Lines(number, fd),
         encoding="utf-8",

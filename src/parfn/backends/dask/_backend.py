@@ -21,6 +21,7 @@ from typing import Any
 
 from ..._wire.errors import PoolClosed, SerializationError
 from .._base import Counts, Job
+from .._replay import replay, wanted_levels
 from ._cluster import Connection, Markers, check_options
 from ._collector import Collector
 from ._deadlines import Deadlines
@@ -187,9 +188,18 @@ class DaskBackend:
             return False
         started = (self._conn.topic, run.key) if timed else None
         marker = None if self._markers is None else self._markers.path(run.key)
+        # On the cluster parfn started, its workers' loggers take this process's levels.
+        levels = None if self._conn.cluster is None else wanted_levels().message
         try:
             future = self._client.submit(
-                run_remote, run.fn_data, run.payload, started, marker, key=run.key, pure=False
+                run_remote,
+                run.fn_data,
+                run.payload,
+                started,
+                marker,
+                levels,
+                key=run.key,
+                pure=False,
             )
         except Exception as exc:
             if self._take(run):
@@ -252,7 +262,9 @@ class DaskBackend:
 
     def _finished(self, run: Run, outcome: Any) -> None:
         job, lo, hi = run.job, run.lo, run.hi
-        values, raised, unsendable, elapsed, failure, split = outcome
+        values, raised, unsendable, elapsed, failure, split, records = outcome
+        for fields in records:  # what the task logged, before its outcome
+            replay(fields)
         if split and hi - lo > 1:
             # An item's arguments cannot be unpickled there: find which.
             self._launch_each(job, range(lo, hi), run.tries, run.fn_data)
@@ -341,10 +353,11 @@ class DaskBackend:
         self._retry_or_fail(run, run.tries + 1, lambda i: timed_out(job))
 
     def counts(self) -> Counts:
-        """For ``pool.stats()``: a run is counted running while it is in flight in Dask."""
+        """For ``pool.stats()``: runs in flight in Dask, as many as it has
+        workers, count as running (the others wait in Dask's queue)."""
         with self._lock:
             return Counts(
-                running=self._running,
+                running=min(self._running, self.workers),
                 workers=self.workers,
                 crashed=self._crashes,
                 timed_out=self._timed_out,

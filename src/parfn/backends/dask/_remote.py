@@ -15,8 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ... import _scope
+from ..._wire.capture import collected
 from ..._wire.errors import RemoteError, SerializationError
 from ..._wire.execute import run_items
+from ..._wire.protocol import LogLevels
 from ..._wire.serialize import (
     ExceptionEnvelope,
     dumps,
@@ -30,7 +32,11 @@ __all__ = ("initializer_plugin", "run_remote")
 
 
 def run_remote(
-    fn_data: bytes, payload: bytes, started: tuple[str, str] | None, marker: str | None
+    fn_data: bytes,
+    payload: bytes,
+    started: tuple[str, str] | None,
+    marker: str | None,
+    levels: LogLevels | None = None,
 ) -> bytes:
     """Run a run of items in a Dask worker; every outcome comes back as data.
 
@@ -38,7 +44,9 @@ def run_remote(
     caller, should the worker die, that this task was running (and so may be
     what killed it), and whether it was still loading its arguments ("load")
     or running the function ("run"). ``started``: ``(topic, key)`` of an
-    event to send the caller first.
+    event to send the caller first. The records the task's thread logs go
+    back with the outcome; ``levels``: the caller's, for the worker's loggers
+    to take first (on a cluster parfn started, where every task is its own).
     """
     fd = None if marker is None else os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     if fd is not None:
@@ -54,7 +62,7 @@ def run_remote(
             from distributed import get_worker  # type: ignore[import-not-found, unused-ignore]
 
             get_worker().log_event(started[0], started[1])
-        return _run_here(fn_data, payload, loaded)
+        return _run_here(fn_data, payload, loaded, levels)
     finally:
         if marker is not None and fd is not None:
             os.close(fd)
@@ -79,18 +87,21 @@ def _load_function(data: bytes) -> Callable[..., Any]:
 
 def _failed(failure: BaseException | ExceptionEnvelope, split: bool) -> bytes:
     """The outcome of a run whose items could not run at all (see _run_here)."""
-    return dumps(([], {}, {}, 0.0, failure, split), "the result")
+    return dumps(([], {}, {}, 0.0, failure, split, []), "the result")
 
 
-def _run_here(fn_data: bytes, payload: bytes, loaded: Callable[[], None]) -> bytes:
-    """The pickled tuple ``(values, raised, unsendable, elapsed, failure, split)``.
+def _run_here(
+    fn_data: bytes, payload: bytes, loaded: Callable[[], None], levels: LogLevels | None
+) -> bytes:
+    """The pickled tuple ``(values, raised, unsendable, elapsed, failure, split, records)``.
 
     ``raised`` maps an item's index in the run to the (wrapped) exception it
     raised, ``unsendable`` to the SerializationError of a result that cannot
     be pickled, and ``failure`` is an exception for every item of the run when
     they could not run at all; ``split``: the items could not be unpickled
-    together, so run them one by one. Nothing escapes as a Dask task error, so
-    a Dask-level error means the worker or the cluster failed, not the function.
+    together, so run them one by one; ``records``: what the task logged.
+    Nothing escapes as a Dask task error, so a Dask-level error means the
+    worker or the cluster failed, not the function.
     """
     try:
         fn = _load_function(fn_data)
@@ -106,9 +117,10 @@ def _run_here(fn_data: bytes, payload: bytes, loaded: Callable[[], None]) -> byt
     loaded()
     inside = _scope.in_task.set(True)  # nested calls run here, in this task
     try:
-        values, errors, elapsed, _ = run_items(
-            fn, items, 0, len(items), 0, star=star, kwargs=kwargs
-        )
+        with collected(fn, levels) as records:
+            values, errors, elapsed, _ = run_items(
+                fn, items, 0, len(items), 0, star=star, kwargs=kwargs
+            )
     except BaseException as exc:  # SystemExit and the like: must not end the caller
         failure = RemoteError(
             f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
@@ -121,7 +133,7 @@ def _run_here(fn_data: bytes, payload: bytes, loaded: Callable[[], None]) -> byt
         _scope.in_task.reset(inside)
     raised = {i: wrap_exception(e) for i, e in errors.items()}
     try:
-        return dumps((values, raised, {}, elapsed, None, False), "the result")
+        return dumps((values, raised, {}, elapsed, None, False, records), "the result")
     except SerializationError:
         pass
     # Some result cannot be pickled: find which, and fail those items alone.
@@ -134,7 +146,7 @@ def _run_here(fn_data: bytes, payload: bytes, loaded: Callable[[], None]) -> byt
         except SerializationError as err:
             values[i] = None
             unsendable[i] = wrap_exception(err)
-    return dumps((values, raised, unsendable, elapsed, None, False), "the result")
+    return dumps((values, raised, unsendable, elapsed, None, False, records), "the result")
 
 
 _plugin_class: type | None = None
