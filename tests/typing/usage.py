@@ -107,6 +107,13 @@ with parfn.Pool(2) as pool:
     assert_type(next(pool.imap_unordered(square, range(3))), int)
     in_order: Iterator[float] = pool.imap(plain, range(3))
     assert_type(pool.workers, int)
+    stats = pool.stats()
+    assert_type(stats, parfn.PoolStats)
+    assert_type(stats.submitted, int)
+    assert_type(stats.done + stats.failed + stats.cancelled + stats.running + stats.queued, int)
+    assert_type(stats.by_function["square"], parfn.FunctionStats)
+    assert_type(stats.by_function["square"].total_seconds, float)
+    assert_type(stats.by_function["square"].calls, int)
     pool.shutdown(wait=True, cancel_pending=False)
     pool.terminate()
 
@@ -170,6 +177,7 @@ pool.spawn(plain, 1, 2)  # type: ignore[arg-type]  # pyright: ignore[reportArgum
 pool.apply(plain, 1, "a", "b")  # type: ignore[call-arg]  # pyright: ignore[reportCallIssue]
 executor.submit(plain, "3")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 executor.submit(square, 1, 2)  # type: ignore[call-arg]  # pyright: ignore[reportCallIssue]
+stats.submitted = 0  # type: ignore[misc]  # pyright: ignore[reportAttributeAccessIssue]
 wrong: str = square.apply(3)  # type: ignore[assignment]  # pyright: ignore[reportAssignmentType]
 wrong_task: Task[str] = square.spawn(3)  # type: ignore[assignment]  # pyright: ignore[reportAssignmentType]
 wrong_list: list[str] = square.map([1])  # type: ignore[assignment]  # pyright: ignore[reportAssignmentType]
