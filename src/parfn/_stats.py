@@ -31,6 +31,14 @@ class FunctionStats(NamedTuple):
     included); ``total_seconds``: the time they ran, in the workers;
     ``max_seconds``: the longest one (for items of a ``map`` run together as
     one chunk, each counts as the chunk's average).
+
+    >>> import parfn
+    >>> with parfn.Pool(1, backend="serial") as pool:
+    ...     _ = pool.map(abs, [-1, -2], return_exceptions=True)
+    ...     _ = pool.map(abs, ["x"], return_exceptions=True)  # TypeError
+    >>> calls, failures, total, longest = pool.stats().by_function["abs"]
+    >>> calls, failures, longest <= total
+    (3, 1, True)
     """
 
     calls: int
