@@ -20,7 +20,7 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _scope
 from ._mapping import MapIterator, MapRun
-from ._stats import PoolStats, Tally
+from ._stats import CANCELLED, DONE, FAILED, PoolStats, Tally
 from ._task import Task
 from ._wire.errors import PoolClosed
 from .backends import BACKENDS, load
@@ -38,7 +38,7 @@ class _TaskSink:
     """Connects a one-item Job to its Task (and the Task's ``cancel`` to the
     backend), and counts its outcome for ``pool.stats()``."""
 
-    __slots__ = ("backend", "counted", "error_hook", "job", "tally", "task")
+    __slots__ = ("backend", "error_hook", "job", "tally", "task", "token")
 
     def __init__(
         self,
@@ -52,7 +52,7 @@ class _TaskSink:
         self.tally = tally
         self.error_hook = error_hook
         self.job: Job | None = None
-        self.counted = False  # guarded by the tally's lock
+        self.token = [True]  # taken by whoever counts the outcome (see Tally.task)
 
     def stop(self) -> bool:
         """Stop the running job (``Task.cancel``); True if it was stopped."""
@@ -65,9 +65,10 @@ class _TaskSink:
         state = self.task._state
         if state == RUNNING:
             return True  # a retry after a crash: the task started before
-        if state == CANCELLED_AND_NOTIFIED:
-            return False
-        return self.task.set_running_or_notify_cancel()
+        if state != CANCELLED_AND_NOTIFIED and self.task.set_running_or_notify_cancel():
+            return True
+        self.cancelled()  # (cancelled without Task.cancel: the executor's shutdown)
+        return False
 
     def deliver(
         self, lo: int, values: Any, errors: dict[int, BaseException], elapsed: float
@@ -77,9 +78,11 @@ class _TaskSink:
         job, self.job = self.job, None  # (the job refers to this sink: no cycle left behind)
         error = errors.get(lo)
         # Counted before the task is done: whoever waits for it sees it counted.
-        task._on_done = None
         fn = job.fn if job is not None else None
-        self.tally.task(self, getattr(fn, "__qualname__", None) or repr(fn), error, elapsed)
+        outcome = (
+            DONE if error is None else CANCELLED if isinstance(error, CancelledError) else FAILED
+        )
+        self.tally.task(self, getattr(fn, "__qualname__", None) or repr(fn), outcome, elapsed)
         try:
             if error is None:
                 task.set_result(values[0])
@@ -92,9 +95,9 @@ class _TaskSink:
         except InvalidStateError:
             pass  # cancelled meanwhile: the outcome has nowhere to go
 
-    def cancelled(self, task: Task[Any]) -> None:
-        """The task was cancelled before an outcome was handed over (``Task._on_done``)."""
-        self.tally.task(self, "", CancelledError(), 0.0)
+    def cancelled(self) -> None:
+        """The task was cancelled before an outcome was handed over."""
+        self.tally.task(self, "", CANCELLED, 0.0)
 
 
 ErrorHook = Callable[[BaseException], None]
@@ -356,7 +359,7 @@ class Pool:
         sink.job = job = Job(plain, (args,), options, sink, kwargs=kwargs)
         if backend.can_stop_running:
             task._stopper = sink
-        task._on_done = sink.cancelled
+        task._counter = sink
         self._tally.submit(1)
         # A backend may answer a blocking call on this thread (the process
         # pool talks to an idle worker directly).

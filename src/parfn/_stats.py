@@ -1,8 +1,9 @@
 """``pool.stats()``: what a pool has done, as a cheap snapshot.
 
 The front end counts every task (one map item is one task) as it is
-submitted and as its outcome is handed over: the counting is a few integer
-additions under one lock, at most twice per task (or per map chunk). The
+submitted and as its outcome is handed over: for a single call, two appends
+to a deque, added up when a snapshot is taken; for a map, a few additions
+under a lock per chunk. The
 backend adds what only it knows (``backends._base.Counts``): how many items
 are running right now, its workers, and the crashes, timeouts and retries it
 saw. ``queued`` is what remains, so that at any moment::
@@ -13,6 +14,7 @@ saw. ``queued`` is what remains, so that at any moment::
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     from .backends._base import Counts
 
-__all__ = ("FunctionStats", "PoolStats", "Tally")
+__all__ = ("CANCELLED", "DONE", "FAILED", "FunctionStats", "PoolStats", "Tally")
 
 
 class FunctionStats(NamedTuple):
@@ -92,6 +94,12 @@ class PoolStats(NamedTuple):
     by_function: Mapping[str, FunctionStats]
 
 
+DONE, FAILED, CANCELLED = 0, 1, 2
+"""How a single call ended, for ``Tally.task``."""
+_FOLD = 1024
+"""Events kept before they are added up (a snapshot adds them up at once)."""
+
+
 class Tally:
     """The front end's counts for one pool; every method may be called from any thread.
 
@@ -99,41 +107,75 @@ class Tally:
     (a single call, through its sink, or when its Task is cancelled) or
     ``items`` (a delivery of map items). ``drop`` counts the items of a map
     chunk that will never be delivered (the map was abandoned or cancelled).
+
+    Single calls, the hot path, take no lock: their submission and outcome
+    are appended to a deque (atomic), added up under the lock by the next
+    snapshot, or when the deque gets long. A submission is appended before its
+    outcome, so a snapshot never counts an outcome without its task.
     """
 
-    __slots__ = ("_functions", "_lock", "cancelled", "done", "failed", "submitted")
+    __slots__ = ("_events", "_functions", "_lock", "cancelled", "done", "failed", "submitted")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the totals and the adding up
+        self._events: deque[Any] = deque()  # n submitted, or (name, outcome, seconds)
         self.submitted = self.done = self.failed = self.cancelled = 0
         self._functions: dict[str, list[Any]] = {}  # name -> [calls, failures, total, max]
 
     def submit(self, n: int) -> None:
-        with self._lock:
-            self.submitted += n
+        events = self._events
+        events.append(n)
+        if len(events) > _FOLD:
+            self._fold()
 
-    def task(self, owner: Any, name: str, error: BaseException | None, elapsed: float) -> None:
-        """A single call's outcome (``owner``: its sink; counted once per owner)."""
+    def withdraw(self, owner: Any) -> None:
+        """A single call's submission failed: it does not count (and never will)."""
+        try:
+            owner.token.pop()  # atomic: whoever takes the token counts the call
+        except IndexError:
+            return
+        self._events.append(-1)
+
+    def task(self, owner: Any, name: str, outcome: int, elapsed: float) -> None:
+        """A single call's ``outcome`` (``owner``: its sink, whose ``token``
+        list holds one item until the call is counted)."""
+        try:
+            owner.token.pop()  # atomic: whoever takes the token counts the call
+        except IndexError:
+            return
+        events = self._events
+        events.append((name, outcome, elapsed))
+        if len(events) > _FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
         with self._lock:
-            if owner.counted:
-                return
-            owner.counted = True
-            if error is None:
-                self.done += 1
-            elif isinstance(error, CancelledError):
+            self._add_up()
+
+    def _add_up(self) -> None:
+        """Add the events up. Caller holds ``_lock``."""
+        events, functions = self._events, self._functions
+        while events:
+            event = events.popleft()
+            if type(event) is int:
+                self.submitted += event
+                continue
+            name, outcome, elapsed = event
+            if outcome == CANCELLED:
                 self.cancelled += 1
-                return
-            else:
-                self.failed += 1
-            entry = self._functions.get(name)
+                continue
+            entry = functions.get(name)
             if entry is None:
-                entry = self._functions[name] = [0, 0, 0.0, 0.0]
+                entry = functions[name] = [0, 0, 0.0, 0.0]
             entry[0] += 1
             entry[2] += elapsed
-            if error is not None:
-                entry[1] += 1
             if elapsed > entry[3]:
                 entry[3] = elapsed
+            if outcome == DONE:
+                self.done += 1
+            else:
+                self.failed += 1
+                entry[1] += 1
 
     def items(
         self, owner: Any, name: str, n: int, errors: dict[int, BaseException], elapsed: float
@@ -164,13 +206,6 @@ class Tally:
             if elapsed / n > entry[3]:
                 entry[3] = elapsed / n
 
-    def withdraw(self, owner: Any) -> None:
-        """A single call's submission failed: it does not count (and never will)."""
-        with self._lock:
-            if not owner.counted:
-                owner.counted = True
-                self.submitted -= 1
-
     def withdraw_items(self, owner: Any) -> None:
         """A map chunk's submission failed: its items do not count."""
         with self._lock:
@@ -186,6 +221,7 @@ class Tally:
 
     def snapshot(self, counts: Counts) -> PoolStats:
         with self._lock:
+            self._add_up()
             submitted, done, failed, cancelled = (
                 self.submitted,
                 self.done,

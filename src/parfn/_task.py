@@ -38,6 +38,12 @@ class Stopper(Protocol):
     def stop(self) -> bool: ...
 
 
+class Counter(Protocol):
+    """What counts a task that ``cancel()`` cancelled (its pool's ``stats()``)."""
+
+    def cancelled(self) -> None: ...
+
+
 class _Condition(threading.Condition):
     """``threading.Condition(threading.RLock())``, three objects lighter.
 
@@ -110,9 +116,8 @@ class Task(Future[R]):
 
     _stopper: Stopper | None = None
     """Set while the task may run: its ``stop()`` ends it, True if it did."""
-    _on_done: Callable[[Task[Any]], object] | None = None
-    """Called once, as the task becomes done, before its callbacks (the pool's
-    count of cancelled tasks: a result is counted as it is handed over)."""
+    _counter: Counter | None = None
+    """Told when ``cancel()`` cancels the task (the pool's count of cancelled tasks)."""
 
     def __init__(self) -> None:
         # Future.__init__, with a lighter Condition (see _Condition): tens of
@@ -125,13 +130,6 @@ class Task(Future[R]):
         self._exception: BaseException | None = None
         self._waiters: list[Any] = []
         self._done_callbacks: list[Callable[[Future[R]], object]] = _NO_WAITERS
-
-    def _invoke_callbacks(self) -> None:
-        on_done = self._on_done
-        if on_done is not None:
-            self._on_done = None
-            on_done(self)
-        super()._invoke_callbacks()  # type: ignore[misc]
 
     def add_done_callback(self, fn: Callable[[Future[R]], object]) -> None:
         """Call ``fn(task)`` when the task is done (at once if it is)."""
@@ -191,6 +189,7 @@ class Task(Future[R]):
         finished (or its backend cannot stop a running task, as with threads).
         """
         if super().cancel():
+            self._count_cancelled()
             return True
         stopper = self._stopper
         with self._condition:
@@ -199,7 +198,15 @@ class Task(Future[R]):
         if not stopper.stop():
             return False
         self._cancel_from_pool()
-        return self.cancelled()
+        if self.cancelled():
+            self._count_cancelled()
+            return True
+        return False
+
+    def _count_cancelled(self) -> None:
+        counter = self._counter
+        if counter is not None:
+            counter.cancelled()
 
     def _cancel_from_pool(self) -> None:
         """The pool dropped or stopped this task (shutdown with cancel_pending)."""
@@ -218,7 +225,7 @@ class Task(Future[R]):
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
 
     # -- asyncio ------------------------------------------------------------
     def __await__(self) -> Generator[Any, None, R]:

@@ -99,7 +99,12 @@ def running(fn: Any) -> None:
 
 def end_of_batch() -> None:
     """Send what the task wrote and has not sent yet (a partial line included)."""
-    for stream in (sys.stdout, sys.stderr):
+    global _written
+    out, err = sys.stdout, sys.stderr
+    if not _written and type(out) is _Stream and type(err) is _Stream:
+        return  # the common case: nothing was printed
+    _written = False
+    for stream in (out, err):
         try:
             if stream is not None:
                 stream.flush()
@@ -321,12 +326,26 @@ class _Lines(io.BufferedIOBase):
         _post(send, encode(Output(self._stream, chunk.decode("utf-8", "replace"))))
 
 
-def _stream(number: int, original: Any) -> io.TextIOWrapper:
+class _Stream(io.TextIOWrapper):
+    """A worker's ``sys.stdout`` or ``sys.stderr``: notes that it was written
+    to, so that the end of a batch that printed nothing costs nothing."""
+
+    def write(self, s: str) -> int:
+        global _written
+        _written = True
+        return super().write(s)
+
+
+_written = False
+"""Something was written to the worker's streams since the last ``end_of_batch``."""
+
+
+def _stream(number: int, original: Any) -> _Stream:
     try:
         fd = original.fileno()
     except Exception:  # not backed by a descriptor: the process's own
         fd = number
-    return io.TextIOWrapper(
+    return _Stream(
         _Lines(number, fd),
         encoding="utf-8",
         errors="backslashreplace",

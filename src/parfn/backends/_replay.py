@@ -62,7 +62,7 @@ class WorkerOutput:
     __slots__ = ("fault", "levels", "partial", "tail")
 
     def __init__(self) -> None:
-        self.partial = ["", "", ""]  # by stream: 1 stdout, 2 stderr
+        self.partial: dict[int, str] = {}  # by stream (1 stdout, 2 stderr): a line's start
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.fault = ""  # what faulthandler wrote as it crashed
         self.levels: Any = None  # the LogLevels the worker was last sent
@@ -71,14 +71,17 @@ class WorkerOutput:
         """Text the worker wrote: its complete lines are written out now."""
         if stream not in (1, 2):
             return
-        text = self.partial[stream] + text
+        partial = self.partial
+        if partial:
+            text = partial.pop(stream, "") + text
         cut = text.rfind("\n") + 1
         if not cut and len(text) <= MAX_PARTIAL:
-            self.partial[stream] = text
+            partial[stream] = text
             return
         if not cut:
             cut = len(text)
-        self.partial[stream] = text[cut:]
+        if cut < len(text):
+            partial[stream] = text[cut:]
         lines = text[:cut]
         if stream == 2:
             self.tail.extend(lines.splitlines())
@@ -86,9 +89,8 @@ class WorkerOutput:
 
     def end_task(self) -> None:
         """The task ended (or the worker died): a partial line is written as a line."""
-        for stream in (1, 2):
-            if self.partial[stream]:
-                self.write(stream, "\n")
+        for stream in list(self.partial):
+            self.write(stream, "\n")
 
     def add_fault(self, text: str) -> None:
         """A crash's tracebacks (faulthandler's dump): shown on stderr, as the

@@ -30,7 +30,8 @@ def read_messages(
         message = decode(frame)
         kind = type(message)
         if kind is Results:
-            worker.output.end_task()  # a partial line the task left is a line
+            if worker.output.partial:
+                worker.output.end_task()  # a partial line the task left is a line
             delivered += on_results(pool, worker, message)  # type: ignore[arg-type]
         elif kind is Output:
             worker.output.write(message.stream, message.text)  # type: ignore[union-attr]
