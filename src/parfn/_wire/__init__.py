@@ -9,5 +9,6 @@ worker loop.
 * ``serialize``: pickling arguments, results, functions and exceptions
   (pickle protocol 5, cloudpickle for what has no importable name);
 * ``shm``: big buffers through shared memory instead of the pipe;
-* ``execute``: running a run of items, the one loop every backend shares.
+* ``execute``: running a run of items, the one loop every backend shares;
+* ``capture``: a worker's log records and prints, sent to the parent as they happen.
 """

@@ -39,12 +39,16 @@ By "spawn" or "forkserver", ``multiprocessing`` starts them.
 
 One duplex pipe per worker (no shared queue a dying worker could leave
 locked), non-blocking on the parent's side, so the manager never blocks on a
-worker. What crosses it are the small named messages of ``parfn._wire.protocol``.
+worker. What crosses it are the small named messages of ``parfn._wire.protocol``;
+a worker's log records and prints (``parfn._wire.capture``) travel on it too,
+before the results that follow them, and are shown by whichever thread reads
+the pipe (``parfn.backends._replay``).
 
 The modules, each a concern; arrows point one way, down::
 
     _backend      ProcessPool: the public calls, _talk, the manager loop
       -> _dispatch    pickle jobs, send Batches          --+
+      -> _messages    a worker's messages, in order        |
       -> _results     Results -> sinks                     |
       -> _timeouts    per-item deadlines                   +-> _state: records,
       -> _deaths      dead workers' runs -> _start         |   PoolState (which
