@@ -48,8 +48,6 @@ def test_stats_count_every_item_on_every_backend(pool: parfn.Pool) -> None:
 
 
 def test_the_sum_holds_at_every_moment(pool: parfn.Pool) -> None:
-    if pool.backend_name == "serial":
-        pytest.skip("the serial backend runs a map inside the call")
     seen: list[parfn.PoolStats] = []
     stop = threading.Event()
 
