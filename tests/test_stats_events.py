@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
 import threading
@@ -173,7 +174,7 @@ def test_a_crash_is_a_warning(
     assert (record.parfn_reason, record.parfn_exitcode) == ("crash", exitcode)  # type: ignore[attr-defined]
     assert record.parfn_pid == info.value.pid  # type: ignore[attr-defined]
     assert record.parfn_function == "crash"  # type: ignore[attr-defined]
-    assert f"worker process {info.value.pid} died (running crash())" in record.getMessage()
+    assert f"worker process {info.value.pid} running crash() died" in record.getMessage()
     assert record.getMessage().endswith("; a new worker replaces it")
 
 
@@ -282,3 +283,37 @@ def test_a_crash_report_pickles_and_keeps_the_old_constructor() -> None:
     old = parfn.WorkerCrashed("it died", 3)
     assert (str(old), old.exitcode, old.pid, old.stderr) == ("it died", 3, None, "")
     assert repr(old) == "WorkerCrashed('it died')"
+
+
+def test_no_fault_file_outlives_its_worker(tmp_path: object) -> None:
+    from parfn._wire import shm
+
+    if not shm.available():
+        pytest.skip("needs a writable /dev/shm")
+    with parfn.Pool(2) as pool:
+        pids = set(pool.map(funcs.pid, range(20), chunksize=1))
+        with pytest.raises(parfn.WorkerCrashed) as info:
+            pool.apply(fo.log_then_segfault)
+        pids.add(info.value.pid)  # type: ignore[arg-type]
+        pids |= set(pool.map(funcs.pid, range(20), chunksize=1))
+        assert any(os.path.exists(shm.fault_path(p) or "") for p in pids)  # live workers' files
+    assert not [p for p in pids if os.path.exists(shm.fault_path(p) or "")]
+
+
+def test_a_stale_fault_file_is_swept() -> None:
+    from parfn._wire import shm
+
+    if not shm.available():
+        pytest.skip("needs a writable /dev/shm")
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    path = shm.fault_path(dead)
+    assert path is not None
+    with open(path, "w") as f:
+        f.write("Fatal Python error")
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    try:
+        shm.sweep_stale(min_age=60)
+        assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)

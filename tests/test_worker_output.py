@@ -144,7 +144,7 @@ def test_a_segfault_in_a_script_is_reported(tmp_path: Path, method: str) -> None
     err = out.stderr
     assert "about to read address 0" in err
     assert "Fatal Python error: Segmentation fault" in err
-    assert re.search(r"WARNING parfn: worker process \d+ died \(running risky\(\)\): killed", err)
+    assert re.search(r"WARNING parfn: worker process \d+ running risky\(\) died: killed", err)
 
 
 # -- records go to the parent's logger of the same name -------------------------------------------

@@ -15,7 +15,7 @@
   partial line when the stream is flushed (``print(..., flush=True)``, and at
   the end of every batch, ``end_of_batch``). The parent writes out whole lines;
 * faulthandler is enabled into a file the parent reads if the worker dies
-  (``fault_path``): a segfault's tracebacks go into the crash report.
+  (``shm.fault_path``): a segfault's tracebacks go into the crash report.
 
 ``send`` writes one framed message synchronously, under the same lock as the
 worker's results. So what a task logged or printed reaches the pipe before
@@ -50,7 +50,6 @@ from .protocol import Log, LogLevels, Output, encode
 __all__ = (
     "collected",
     "end_of_batch",
-    "fault_path",
     "install",
     "portable",
     "running",
@@ -122,19 +121,6 @@ def set_levels(message: LogLevels) -> None:
     _levels_set.clear()
     _levels_set.update(name for name in levels if name)
     logging.disable(message.disable)
-
-
-def fault_path(pid: int) -> str | None:
-    """The file where worker ``pid`` writes a crash's tracebacks (None: no ``/dev/shm``).
-
-    Named as a shared-memory segment of that worker, so that the parent's
-    clean-up of a dead worker's segments removes it too.
-    """
-    from . import shm
-
-    if not shm.available():
-        return None
-    return os.path.join(shm.SHM_DIR, f"{shm.segment_prefix(pid)}fault")
 
 
 # -- logging ------------------------------------------------------------------------------

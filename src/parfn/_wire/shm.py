@@ -70,6 +70,7 @@ __all__ = (
     "THRESHOLD",
     "Readers",
     "available",
+    "fault_path",
     "has_segments",
     "pack",
     "release",
@@ -85,6 +86,8 @@ SHM_DIR = "/dev/shm"
 THRESHOLD = 1 << 20
 """Bytes: a buffer (or a whole pickle stream) this big travels through shared memory."""
 NAME_PREFIX = "parfn-"
+FAULT_PREFIX = NAME_PREFIX + "fault-"
+"""Not a segment: the file a worker's faulthandler writes to (``fault_path``)."""
 _ALIGN = 64
 
 _MODULE = b"parfn._wire.shm"
@@ -404,6 +407,19 @@ def release_leftovers(pid: int) -> None:
     for name in _listdir():
         if name.startswith(prefix):
             _unlink(name)
+    _unlink(f"{FAULT_PREFIX}{pid}-{_namespace():x}")
+
+
+def fault_path(pid: int) -> str | None:
+    """The file where worker ``pid``'s faulthandler writes a crash's tracebacks,
+    for the parent to read when the worker dies (None: no ``/dev/shm``).
+
+    ``release_leftovers(pid)`` removes it with the worker's segments;
+    ``sweep_stale`` removes it once that worker is long gone.
+    """
+    if not available():
+        return None
+    return os.path.join(SHM_DIR, f"{FAULT_PREFIX}{pid}-{_namespace():x}")
 
 
 def sweep_stale(min_age: float = 60.0) -> None:
@@ -416,6 +432,8 @@ def sweep_stale(min_age: float = 60.0) -> None:
     namespace = f"{_namespace():x}"
     for name in _listdir():
         fields = name[len(NAME_PREFIX) :].split("-")
+        if fields[0] == "fault":  # a worker's fault file: fault-<pid>-<namespace>
+            fields = [*fields[1:], ""]
         if len(fields) != 3 or fields[1] != namespace or not fields[0].isdigit():
             continue  # another container's (or not ours at all)
         pid = int(fields[0])

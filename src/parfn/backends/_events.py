@@ -49,9 +49,10 @@ def worker_replaced(
     level, what = REASONS.get(reason, (logging.WARNING, "ended"))
     if not log.isEnabledFor(level):
         return
-    text = f"worker process {pid} {what}"
+    text = f"worker process {pid}"
     if function is not None:
-        text += f" (running {function}())"
+        text += f" running {function}()"
+    text += f" {what}"
     if detail:
         text += f": {detail}"
     text += "; a new worker replaces it" if replaced else "; the pool is closing"

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError
 
 from ..._wire import errors
-from ..._wire.capture import fault_path
 from ..._wire.errors import TaskTimeout
 from ..._wire.protocol import ANY_ITEM
+from ..._wire.shm import fault_path
 from .._base import Job
 from .._events import worker_replaced
 from ._memory import format_bytes, memory_error

@@ -48,6 +48,7 @@ from ..._wire.protocol import (
     encode,
 )
 from ..._wire.serialize import ExceptionEnvelope, dumps, load_function, loads
+from ..._wire.shm import fault_path
 from ..._wire.threadcaps import apply_thread_caps
 from ._channel import Reader, write_frame
 
@@ -93,7 +94,7 @@ def worker_main(
     status: Any = memoryview(slot).cast("B").cast("d")  # float64 slots
     fd = conn.fileno()
     # Its logs and prints go to the parent, from the initializer on.
-    capture.install(lambda frame: write_frame(fd, frame), capture.fault_path(os.getpid()))
+    capture.install(lambda frame: write_frame(fd, frame), fault_path(os.getpid()))
     if not _run_initializer(fd, init, initargs):
         os._exit(1)
     _Worker(conn, status).loop()
