@@ -15,8 +15,9 @@ in every forked child (a pool's zygote, a worker, a child of the user's own
 ``os.fork()``):
 
 * it reinitialises parfn's module-level locks (``start_lock``, the wire's
-  shared-memory lock), which a thread of the parent (another pool's manager)
-  may have held;
+  shared-memory lock, the lock that serialises the writing out of workers'
+  output, a worker's frame-writing lock), which a thread of the parent
+  (another pool's manager) may have held;
 * it closes the parent's ends of every pool's pipes, pidfds and control
   sockets (``parent_fds``): the child cannot use its parent's pools (their
   threads and workers are the parent's, and a pool refuses to be used from
@@ -35,6 +36,8 @@ import sys
 from typing import Any
 
 from ..._wire import shm
+from .. import _replay
+from . import _channel
 from ._state import parent_fds, start_lock
 
 __all__ = ("forget_foreign_imports", "prepare")
@@ -52,7 +55,7 @@ def prepare() -> None:
 
 def _after_fork_in_child() -> None:
     reinit: Any
-    for reinit in (start_lock, shm._lock):
+    for reinit in (start_lock, shm._lock, _replay._lock, _channel._write_lock):
         reinit._at_fork_reinit()
     for fd in parent_fds:
         try:
