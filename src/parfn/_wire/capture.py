@@ -190,6 +190,10 @@ def _picklable(fields: dict[str, Any]) -> dict[str, Any]:
 
 def _encode(record: logging.LogRecord) -> bytes:
     fields = portable(record, _pid, _function)
+    if fields.get("processName") == "MainProcess":
+        # A worker forked by the pool's zygote, where multiprocessing is not
+        # loaded (logging's default) or names the process it was copied from.
+        fields["processName"] = "parfn-worker"
     try:
         return encode(Log(fields))
     except Exception:

@@ -151,9 +151,12 @@ class Levels:
         self.frame = encode(message)
 
 
+_root_cache: Any = getattr(logging.root, "_cache", None)  # cleared in place, never replaced
+
+
 def wanted_levels() -> Levels:
     """The levels set on this process's loggers now (the same object until they change)."""
-    cache: Any = getattr(logging.root, "_cache", None)
+    cache = _root_cache
     if cache is not None:
         levels = cache.get(_KEY)
         if levels is not None:
