@@ -400,3 +400,22 @@ def test_output_of_the_default_pool_in_a_child_python() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['out 0', 'out 1', 'out 2']"
     assert sorted(out.stderr.splitlines()) == ["err 0", "err 1", "err 2"]
+
+
+def test_a_dask_task_sends_back_its_threads_records_within_a_bound() -> None:
+    """What ``run_remote`` does in a Dask worker: the records of the task's own
+    thread, at most ``MAX_COLLECTED``, then one that counts the others."""
+    from parfn._wire import capture
+
+    logger = logging.getLogger("tests.observe.collected")
+    other = threading.Thread(target=logger.warning, args=("from another thread",))
+    with capture.collected(fo.identity) as records:
+        for i in range(capture.MAX_COLLECTED + 5):
+            logger.warning("record %d", i)
+        other.start()
+        other.join(T)
+    assert len(records) == capture.MAX_COLLECTED + 1
+    assert records[0]["msg"] == "record 0" and records[0]["parfn_function"] == "identity"
+    assert records[-1]["name"] == "parfn"
+    assert records[-1]["msg"].startswith("5 more records of this task were dropped")
+    assert all(r["msg"] != "from another thread" for r in records)
