@@ -261,10 +261,12 @@ class MapRun:
 
 def _locate(errors: dict[int, BaseException], first: int) -> None:
     """A crash report says which item of the whole map it was."""
-    from ._wire.errors import WorkerCrashed
+    # WorkerCrashed's own base: checking it does not make the class (which
+    # imports multiprocessing) for a map whose items merely raised.
+    from ._wire.errors import _Crashed
 
     for i, error in errors.items():
-        if isinstance(error, WorkerCrashed) and error.index is None:
+        if isinstance(error, _Crashed) and error.index is None:
             error.index = first + i
 
 
