@@ -134,6 +134,29 @@ def test_an_abandoned_imap_counts_what_never_ran_as_cancelled(process_pool: parf
     assert stats.cancelled > 0 and stats.done + stats.cancelled == stats.submitted
 
 
+def test_a_counted_task_is_freed_without_the_garbage_collector(pool: parfn.Pool) -> None:
+    """Counting leaves no reference cycle between a task and its sink."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        done = pool.spawn(funcs.square, 3)
+        assert done.result(timeout=T) == 9
+        cancelled = pool.spawn(funcs.sleep_then, 0.5) if pool.backend_name != "serial" else None
+        refs = [weakref.ref(done)]
+        if cancelled is not None:
+            cancelled.cancel()
+            refs.append(weakref.ref(cancelled))
+        del done, cancelled
+        deadline = time.monotonic() + T
+        while any(r() is not None for r in refs) and time.monotonic() < deadline:
+            time.sleep(0.01)  # a backend thread may still be letting go of the job
+        assert all(r() is None for r in refs), [gc.get_referrers(r()) for r in refs if r()]
+    finally:
+        gc.enable()
+
+
 def test_a_call_that_cannot_be_sent_is_not_counted(process_pool: parfn.Pool) -> None:
     with pytest.raises(parfn.SerializationError):
         process_pool.apply(funcs.identity, threading.Lock())

@@ -74,8 +74,10 @@ class _TaskSink:
         self, lo: int, values: Any, errors: dict[int, BaseException], elapsed: float
     ) -> None:
         task = self.task
-        task._stopper = None  # done: let the job and its arguments go
-        job, self.job = self.job, None  # (the job refers to this sink: no cycle left behind)
+        # Done: let the job and its arguments go, and leave no cycle behind
+        # (the job and the task refer to this sink).
+        task._stopper = task._counter = None
+        job, self.job = self.job, None
         error = errors.get(lo)
         # Counted before the task is done: whoever waits for it sees it counted.
         fn = job.fn if job is not None else None
@@ -97,6 +99,9 @@ class _TaskSink:
 
     def cancelled(self) -> None:
         """The task was cancelled before an outcome was handed over."""
+        task = self.task
+        task._stopper = task._counter = None  # no cycle left behind
+        self.job = None
         self.tally.task(self, "", CANCELLED, 0.0)
 
 
