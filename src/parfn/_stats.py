@@ -154,28 +154,34 @@ class Tally:
 
     def _add_up(self) -> None:
         """Add the events up. Caller holds ``_lock``."""
-        events, functions = self._events, self._functions
-        while events:
-            event = events.popleft()
+        events, functions, popleft = self._events, self._functions, self._events.popleft
+        counts = [0, 0, 0]  # by outcome: done, failed, cancelled
+        submitted = 0
+        last_name, entry = None, None
+        for _ in range(len(events)):  # those there now; later ones wait for the next time
+            event = popleft()
             if type(event) is int:
-                self.submitted += event
+                submitted += event
                 continue
             name, outcome, elapsed = event
+            counts[outcome] += 1
             if outcome == CANCELLED:
-                self.cancelled += 1
                 continue
-            entry = functions.get(name)
-            if entry is None:
-                entry = functions[name] = [0, 0, 0.0, 0.0]
+            if name != last_name:  # runs of one function's calls are the common case
+                entry = functions.get(name)
+                if entry is None:
+                    entry = functions[name] = [0, 0, 0.0, 0.0]
+                last_name = name
             entry[0] += 1
             entry[2] += elapsed
             if elapsed > entry[3]:
                 entry[3] = elapsed
-            if outcome == DONE:
-                self.done += 1
-            else:
-                self.failed += 1
+            if outcome == FAILED:
                 entry[1] += 1
+        self.submitted += submitted
+        self.done += counts[DONE]
+        self.failed += counts[FAILED]
+        self.cancelled += counts[CANCELLED]
 
     def items(
         self, owner: Any, name: str, n: int, errors: dict[int, BaseException], elapsed: float
