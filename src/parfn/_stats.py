@@ -157,7 +157,8 @@ class Tally:
         events, functions, popleft = self._events, self._functions, self._events.popleft
         counts = [0, 0, 0]  # by outcome: done, failed, cancelled
         submitted = 0
-        last_name, entry = None, None
+        last_name: str | None = None
+        entry: Any = None
         for _ in range(len(events)):  # those there now; later ones wait for the next time
             event = popleft()
             if type(event) is int:
