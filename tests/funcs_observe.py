@@ -135,3 +135,19 @@ def raise_value_error(x: int) -> int:
 
 def identity(x: Any) -> Any:
     return x
+
+
+_kept: list[bytearray] = []
+
+
+def hold(mib: int, seconds: float) -> int:
+    """Hold ``mib`` MiB (written: resident) for ``seconds``."""
+    block = bytearray(b"x") * (mib << 20)
+    time.sleep(seconds)
+    return len(block) >> 20
+
+
+def keep(mib: int) -> int:
+    """Keep ``mib`` MiB more in this worker (written: resident)."""
+    _kept.append(bytearray(b"x") * (mib << 20))
+    return len(_kept)

@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -223,9 +224,41 @@ def test_recycling_and_cancelling_are_info(events: pytest.LogCaptureFixture) -> 
         cancelled = wait_for_events(events, 3)[2]
     assert [r.parfn_reason for r in recycled] == ["recycle", "recycle"]  # type: ignore[attr-defined]
     assert all(r.levelno == logging.INFO for r in recycled)
-    assert "retired after max_tasks_per_worker tasks" in recycled[0].getMessage()
+    assert "was retired: it ran its max_tasks_per_worker tasks" in recycled[0].getMessage()
     assert cancelled.parfn_reason == "cancel"  # type: ignore[attr-defined]
     assert cancelled.levelno == logging.INFO
+
+
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
+
+
+@LINUX
+def test_going_over_the_memory_limit_during_a_task_is_a_warning(
+    events: pytest.LogCaptureFixture,
+) -> None:
+    with parfn.Pool(1, max_memory_per_worker="150MiB") as pool:
+        with pytest.raises(parfn.MemoryLimitExceeded):
+            pool.apply(fo.hold, 400, 3.0)
+        (record,) = wait_for_events(events, 1)
+    assert (record.levelno, record.parfn_reason) == (logging.WARNING, "memory")  # type: ignore[attr-defined]
+    assert "it went over its memory limit during a task" in record.getMessage()
+    assert "above max_memory_per_worker=150 MiB" in record.getMessage()
+
+
+@LINUX
+def test_a_worker_over_the_limit_after_a_task_is_recycled(
+    events: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from parfn.backends.process import _memory
+
+    monkeypatch.setattr(_memory, "PERIOD", 3600.0)  # no look during the task:
+    monkeypatch.setattr(_memory, "MIN_PERIOD", 3600.0)  # only the one after it
+    with parfn.Pool(1, max_memory_per_worker="150MiB") as pool:
+        assert pool.apply(fo.keep, 200) == 1  # the result is kept
+        (record,) = wait_for_events(events, 1)
+    assert (record.levelno, record.parfn_reason) == (logging.INFO, "recycle")  # type: ignore[attr-defined]
+    assert "was retired: it used" in record.getMessage()
+    assert "above max_memory_per_worker=150 MiB" in record.getMessage()
 
 
 def test_a_thread_timeout_is_an_event(events: pytest.LogCaptureFixture) -> None:
