@@ -24,7 +24,6 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import CancelledError
 from typing import Any, TypeVar, cast
 
-from ._progress import open_progress
 from ._stats import Tally
 from .backends._base import Backend, Item, Job, Options
 
@@ -111,7 +110,11 @@ class MapRun:
         self.total = total
         self.ordered = ordered
         self.chunksize = chunksize
-        self.bar = open_progress(progress, total, desc)
+        self.bar = None
+        if progress is not False and progress is not None:
+            from ._progress import open_progress  # (on first use: not on the cold path)
+
+            self.bar = open_progress(progress, total, desc)
         self.inbox: queue.SimpleQueue[
             tuple[_Chunk, int, Sequence[Any], dict[int, BaseException], float]
         ] = queue.SimpleQueue()

@@ -11,8 +11,6 @@ saw. ``queued`` is what remains, so that at any moment::
     done + failed + cancelled + running + queued == submitted
 """
 
-from __future__ import annotations
-
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -226,7 +224,7 @@ class Tally:
                 self.cancelled += owner.unsettled
                 owner.unsettled = 0
 
-    def snapshot(self, counts: Counts) -> PoolStats:
+    def snapshot(self, counts: "Counts") -> PoolStats:
         with self._lock:
             self._add_up()
             submitted, done, failed, cancelled = (

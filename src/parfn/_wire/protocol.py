@@ -33,8 +33,6 @@ parent knows, without a message per item, which item a crashed or timed-out
 worker was running, and when that item began.
 """
 
-from __future__ import annotations
-
 import pickle
 from typing import Any, NamedTuple
 

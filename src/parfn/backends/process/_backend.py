@@ -38,7 +38,6 @@ from ._dispatch import (
     send_direct,
     start_work,
 )
-from ._memory import parse_memory_limit, watch_memory
 from ._messages import read_messages
 from ._oom import start_counting
 from ._results import deliver_one
@@ -90,7 +89,11 @@ class ProcessPool(PoolState):
         init = None if initializer is None else dump_function(initializer)
         initargs = () if initializer is None else tuple(initargs)
         check_initargs(initargs, start_method)
-        memory_limit = parse_memory_limit(max_memory_per_worker)
+        memory_limit = None
+        if max_memory_per_worker is not None:  # (_memory loads only for a limit)
+            from ._memory import parse_memory_limit
+
+            memory_limit = parse_memory_limit(max_memory_per_worker)
         _check_threads(threads_per_worker)
         if start_method == "forkserver":
             preload_forkserver()
@@ -354,6 +357,8 @@ class ProcessPool(PoolState):
                     break
             timeout = check_deadlines(self)
             if self._memory_limit is not None:  # the memory watch: one timer (_memory)
+                from ._memory import watch_memory
+
                 look = watch_memory(self)
                 if look is not None and (timeout is None or look < timeout):
                     timeout = look

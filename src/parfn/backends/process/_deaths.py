@@ -27,7 +27,6 @@ from ..._wire.protocol import ANY_ITEM
 from ..._wire.shm import fault_path
 from .._base import Job
 from .._events import worker_replaced
-from ._memory import format_bytes, memory_error
 from ._oom import oom_killed
 from ._start import retire
 from ._state import PoolState, Work, Worker, describe_exit, fn_name
@@ -173,6 +172,8 @@ def _log_exit(
     else:
         why, detail = "crash", describe_exit(exitcode, oom)
     if why == "memory" or (why == "recycle" and over):
+        from ._memory import format_bytes  # (only with max_memory_per_worker)
+
         detail = (
             f"it used {format_bytes(over)}, above "
             f"max_memory_per_worker={format_bytes(pool._memory_limit or 0)}"
@@ -226,6 +227,8 @@ def blame(
             )
             return lambda: TaskTimeout(text)
         if why == "memory" and pool is not None and worker is not None:
+            from ._memory import memory_error
+
             limit, seen = pool._memory_limit, worker.memory.over
             return lambda: memory_error(job, limit, seen, exitcode)
     when = " while loading the arguments" if index < work.lo else ""

@@ -17,7 +17,6 @@ from ..._wire.errors import SerializationError
 from ..._wire.protocol import Results
 from ..._wire.serialize import dumps
 from ..._wire.shm import release
-from ._memory import recycle_if_over
 from ._state import JobState, PoolState, Work, Worker, load_result
 
 __all__ = ("deliver", "deliver_one", "isolate", "on_results")
@@ -50,6 +49,8 @@ def on_results(pool: PoolState, worker: Worker, message: Results) -> list[tuple[
         if pool._max_tasks is not None and worker.items_run >= pool._max_tasks:
             worker.retiring = True
     if pool._memory_limit is not None:
+        from ._memory import recycle_if_over  # (only with max_memory_per_worker)
+
         recycle_if_over(pool, worker)  # above max_memory_per_worker after a task
     for payload in dropped:
         release(payload)
