@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ joblib = pytest.importorskip("joblib", reason="needs pip install 'parfn[joblib]'
 
 import parfn.joblib  # noqa: E402 (after the skip)
 
-from .conftest import child_env  # noqa: E402
+from ._scripts import SCRIPT_METHODS, run_script  # noqa: E402
 
 T = 30
 
@@ -200,17 +198,9 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("method", ["default", "fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", SCRIPT_METHODS)
 def test_a_users_script(tmp_path: Path, method: str) -> None:
-    script = tmp_path / "script.py"
-    script.write_text(SCRIPT)
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", str(script), method],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-        check=False,
+    out = run_script(
+        tmp_path, SCRIPT, method, flags=("-W", "ignore::DeprecationWarning"), timeout=120
     )
-    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[0, 1, 8, 27, 64, 125] False"

@@ -16,9 +16,8 @@ import parfn
 from parfn.backends.process import _memory, _oom
 from parfn.backends.process._memory import format_bytes, parse_memory_limit, watch_memory
 
+from ._scripts import SCRIPT_METHODS, run_script
 from .conftest import START_METHODS
-from .script_runner import START_METHODS as SCRIPT_START_METHODS
-from .script_runner import run_script
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the memory limit reads Linux's /proc"
@@ -199,10 +198,10 @@ SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("method", SCRIPT_START_METHODS)
+@pytest.mark.parametrize("method", SCRIPT_METHODS)
 def test_a_script(tmp_path: Path, method: str) -> None:
     pytest.importorskip("numpy")
-    out = run_script(tmp_path, SCRIPT, method).splitlines()
+    out = run_script(tmp_path, SCRIPT, method, timeout=120).stdout.splitlines()
     assert out[0] == f"MemoryLimitExceeded {250 * MiB} True"
     assert out[1] == "others [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]"
     # A forked worker maps the caller's 300 MiB, but they are not its own:

@@ -12,8 +12,6 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +24,8 @@ import parfn
 from parfn.multiprocessing import Pool
 
 from . import funcs
-from .conftest import FORK_WARNING, child_env
+from ._scripts import run_script
+from .conftest import FORK_WARNING
 
 T = 30  # seconds: every wait in a test is bounded
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,19 +61,14 @@ def test_the_tutorials_programs_run_with_only_the_import_changed(
             main
             + f"    import multiprocessing\n    multiprocessing.set_start_method({method!r})\n",
         )
-    script = tmp_path / "tutorial.py"
-    script.write_text(source)
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", str(script)],
-        capture_output=True,
-        text=True,
+    out = run_script(
+        tmp_path,
+        source,
+        name="tutorial.py",
+        flags=("-W", "ignore::DeprecationWarning"),
+        env={"PYTHONUNBUFFERED": "1"},  # the parent's prints in order with the workers'
         timeout=120,
-        # Unbuffered: what a worker prints is written at once (a worker's
-        # line may still land in the middle of another's: parsed below).
-        env={**child_env(), "PYTHONUNBUFFERED": "1"},
-        check=False,
     )
-    assert out.returncode == 0, out.stderr
     text = out.stdout
     # 1: map prints each item in a worker, then the list of None results.
     first, text = text.split("[None, None, None]\n", 1)
@@ -94,8 +88,7 @@ def test_the_tutorials_programs_run_with_only_the_import_changed(
 
 def test_a_script_with_lambdas_and_a_crash(tmp_path: Path) -> None:
     """What parfn adds, in a user's script: a lambda works, a dead worker fails its task."""
-    script = tmp_path / "crash.py"
-    script.write_text(
+    source = (
         "import os\n"
         "from parfn.multiprocessing import Pool\n"
         "def die(x):\n"
@@ -110,15 +103,7 @@ def test_a_script_with_lambdas_and_a_crash(tmp_path: Path) -> None:
         "            print(type(e).__name__)\n"
         "        print(p.apply(abs, (-5,)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_script(tmp_path, source, name="crash.py", timeout=120)
     assert out.stdout.splitlines() == ["[1, 2, 3, 4]", "WorkerCrashed", "5"]
 
 

@@ -9,9 +9,6 @@ terminates.
 from __future__ import annotations
 
 import concurrent.futures
-import subprocess
-import sys
-import textwrap
 import time
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -21,7 +18,8 @@ import pytest
 import parfn
 
 from . import funcs
-from .conftest import child_env, make_pool
+from ._scripts import SCRIPT_METHODS, run_script
+from .conftest import make_pool
 
 T = 30
 
@@ -123,20 +121,10 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("method", ["default", "fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", SCRIPT_METHODS)
 def test_a_users_script(tmp_path: Path, method: str) -> None:
     code = SCRIPT
     if method != "default":
         code = code.replace("parfn.Pool(1)", f"parfn.Pool(1, start_method={method!r})")
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(code))
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=40,
-        env=child_env(),
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_script(tmp_path, code, flags=("-W", "ignore::DeprecationWarning"), timeout=40)
     assert out.stdout.split() == ["0.5", "True", "True"]

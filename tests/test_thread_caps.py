@@ -18,8 +18,8 @@ import pytest
 import parfn
 from parfn._wire.threadcaps import VARIABLES, default_threads_per_worker, thread_caps
 
+from ._scripts import SCRIPT_METHODS, run_script
 from .conftest import FORK_WARNING
-from .script_runner import START_METHODS, run_script
 
 pytest.importorskip("numpy")
 pytest.importorskip("threadpoolctl")
@@ -68,7 +68,7 @@ def _run(
         variables=VARIABLES,
         options=options,
     )
-    out = run_script(folder, source, method, env=env, unset=VARIABLES)
+    out = run_script(folder, source, method, env=env, unset=VARIABLES, timeout=120).stdout
     result: dict[str, Any] = json.loads(out)
     return result
 
@@ -77,7 +77,7 @@ def _each_worker(result: dict[str, Any]) -> list[tuple[dict[str, str | None], di
     return [(env, blas) for env, blas in result["workers"]]
 
 
-@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("method", SCRIPT_METHODS)
 def test_workers_are_capped_at_cpus_over_workers(tmp_path: Path, method: str) -> None:
     """numpy loaded before the pool: forked workers inherit OpenBLAS already
     started, and are limited all the same."""
@@ -117,7 +117,7 @@ def test_a_variable_the_user_set_is_left_as_it_is(tmp_path: Path, method: str) -
 
 @needs_two_cpus
 @pytest.mark.skipif(not _numpy_uses_openblas(), reason="numpy is not built on OpenBLAS here")
-@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("method", SCRIPT_METHODS)
 def test_a_variable_set_after_numpy_loaded_holds_in_the_workers(
     tmp_path: Path, method: str
 ) -> None:
@@ -157,7 +157,7 @@ def test_the_executor_gets_the_same_default(tmp_path: Path) -> None:
             with ProcessPoolExecutor(2) as ex:
                 print(json.dumps(list(ex.map(caps, range(4)))))
     """
-    seen = json.loads(run_script(tmp_path, source, "default", unset=VARIABLES))
+    seen = json.loads(run_script(tmp_path, source, "default", unset=VARIABLES, timeout=120).stdout)
     assert seen == [[str(CAP), CAP]] * 4
 
 

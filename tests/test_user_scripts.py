@@ -13,13 +13,11 @@ hangs is ended by the script's watchdog and named here.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from . import user_scripts
-from .conftest import child_env
+from . import _scripts, user_scripts
 
 START_METHODS = ["default", "fork", "forkserver", "spawn"]
 
@@ -29,17 +27,15 @@ ENTRIES = ["decorator", "pool", "executor"]
 def run_script(
     tmp_path: Path, text: str, *args: str, timeout: float = 240
 ) -> subprocess.CompletedProcess[str]:
-    """Write ``text`` as ``script.py`` (with ``helpers.py`` beside it) and run it."""
-    (tmp_path / "helpers.py").write_text(user_scripts.HELPERS)
-    script = tmp_path / "script.py"
-    script.write_text(text)
-    return subprocess.run(
-        [sys.executable, str(script), *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    """Write ``text`` as ``script.py`` (with ``helpers.py`` beside it) and run it;
+    its exit code is for ``case_lines`` to judge, after naming any case that hung."""
+    return _scripts.run_script(
+        tmp_path,
+        text,
+        *args,
+        name="script.py",
+        modules={"helpers": user_scripts.HELPERS},
         timeout=timeout,
-        env=child_env(),
         check=False,
     )
 

@@ -17,9 +17,8 @@ import pytest
 
 import parfn
 
+from ._scripts import SCRIPT_METHODS, run_script
 from .conftest import FORK_WARNING, START_METHODS
-from .script_runner import START_METHODS as SCRIPT_START_METHODS
-from .script_runner import run_script
 
 
 def build(log: str, pause: float = 0.0) -> dict[str, Any]:
@@ -198,10 +197,10 @@ SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("method", SCRIPT_START_METHODS)
+@pytest.mark.parametrize("method", SCRIPT_METHODS)
 def test_a_script_with_a_model_per_worker(tmp_path: Path, method: str) -> None:
     log = tmp_path / "builds"
-    out = run_script(tmp_path, SCRIPT, method, env={"BUILD_LOG": str(log)})
+    out = run_script(tmp_path, SCRIPT, method, env={"BUILD_LOG": str(log)}, timeout=120).stdout
     assert out.splitlines() == [
         "results True",
         "own True",

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -26,26 +25,23 @@ import pytest
 
 import parfn
 
+from . import _scripts
 from . import funcs_observe as fo
 from .conftest import FORK_WARNING, START_METHODS, child_env
 
 T = 30  # seconds: every wait in these tests is bounded
 
-METHODS = [pytest.param("default", id="default"), *START_METHODS]
 
-
-def run_script(path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python path args`` as a user would; its output, after checking it exited 0."""
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", str(path), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env(),
-        check=False,
+def run_script(folder: Path, source: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python script.py args`` of ``source`` in ``folder``, as a user runs it (must exit 0)."""
+    return _scripts.run_script(
+        folder,
+        source,
+        *args,
+        name="script.py",
+        flags=("-W", "ignore::DeprecationWarning"),
+        timeout=120,
     )
-    assert out.returncode == 0, out.stderr
-    return out
 
 
 # -- what a terminal shows -------------------------------------------------------------------
@@ -80,11 +76,9 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", _scripts.SCRIPT_METHODS)
 def test_a_script_shows_its_workers_logs_and_prints(tmp_path: Path, method: str) -> None:
-    script = tmp_path / "script.py"
-    script.write_text(USER_SCRIPT)
-    out = run_script(script, method)
+    out = run_script(tmp_path, USER_SCRIPT, method)
     lines = out.stdout.splitlines()
     assert lines[-1] == "results [0, 10, 20]"
     worker = "parfn-worker"  # the worker's processName, whatever started it
@@ -122,11 +116,9 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", _scripts.SCRIPT_METHODS)
 def test_a_segfault_in_a_script_is_reported(tmp_path: Path, method: str) -> None:
-    script = tmp_path / "crash.py"
-    script.write_text(CRASH_SCRIPT)
-    out = run_script(script, method)
+    out = run_script(tmp_path, CRASH_SCRIPT, method)
     lines = out.stdout.splitlines()
     assert lines[0] == "[0, 1] [3]"
     assert re.fullmatch(
@@ -377,9 +369,8 @@ def test_thread_backend_records_are_the_parents_own() -> None:
     assert {r.thread for r in got.records} != {threading.get_ident()}
 
 
-def test_output_of_the_default_pool_in_a_child_python() -> None:
-    code = textwrap.dedent(
-        """
+def test_output_of_the_default_pool_in_a_child_python(tmp_path: Path) -> None:
+    code = """
         import contextlib, io
         import parfn
         from tests import funcs_observe as fo
@@ -389,16 +380,7 @@ def test_output_of_the_default_pool_in_a_child_python() -> None:
             parfn.parallel(fo.print_both).map(range(3))
         print(sorted(buf.getvalue().splitlines()))
         """
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_script(tmp_path, code)
     assert out.stdout.strip() == "['out 0', 'out 1', 'out 2']"
     assert sorted(out.stderr.splitlines()) == ["err 0", "err 1", "err 2"]
 

@@ -25,6 +25,7 @@ from concurrent.futures import CancelledError
 from typing import Any, TypeVar, cast
 
 from ._stats import Tally
+from ._wire.errors import PoolClosed, SerializationError, _Crashed
 from .backends._base import Backend, Item, Job, Options
 
 __all__ = ("MapIterator", "MapRun")
@@ -207,8 +208,6 @@ class MapRun:
         return chunk
 
     def _submit(self, job: Job) -> None:
-        from ._wire.errors import PoolClosed
-
         while True:
             try:
                 self.backend.submit(job)
@@ -264,18 +263,14 @@ class MapRun:
 
 def _locate(errors: dict[int, BaseException], first: int) -> None:
     """A crash report says which item of the whole map it was."""
-    # WorkerCrashed's own base: checking it does not make the class (which
-    # imports multiprocessing) for a map whose items merely raised.
-    from ._wire.errors import _Crashed
-
+    # WorkerCrashed's own base (_Crashed): checking it does not make the class
+    # (which imports multiprocessing) for a map whose items merely raised.
     for i, error in errors.items():
         if isinstance(error, _Crashed) and error.index is None:
             error.index = first + i
 
 
 def _is_item_error(exc: BaseException) -> bool:
-    from ._wire.errors import SerializationError
-
     return isinstance(exc, (SerializationError, CancelledError))
 
 
