@@ -320,6 +320,8 @@ class Mpire(System):
         return [h.get() for h in handles]
 
     def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
+        if items and isinstance(items[0], tuple):  # mpire would pass a tuple's items as arguments
+            items = [(item,) for item in items]
         return list(self.pool.map(fn, items, chunk_size=chunksize))
 
     def imap(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
