@@ -53,8 +53,8 @@ class _TaskSink:
         self.error_hook = error_hook
         self.job: Job | None = None
         # Taken by whoever counts the outcome (see Tally.task): a bytearray,
-        # which the garbage collector does not track (a task in flight costs
-        # its collections nothing more; a list here cost spawn ~7%).
+        # which the garbage collector does not track (a list would be one
+        # more object per task in flight for its collections to follow).
         self.token = bytearray(1)
 
     def stop(self) -> bool:
@@ -65,11 +65,10 @@ class _TaskSink:
     def start(self) -> bool:
         # Read without the lock: only the pool makes a task RUNNING (here),
         # and set_running_or_notify_cancel takes the lock for the rest.
-        task = self.task
-        state = task._state
+        state = self.task._state
         if state == RUNNING:
             return True  # a retry after a crash: the task started before
-        if state != CANCELLED_AND_NOTIFIED and task.set_running_or_notify_cancel():
+        if state != CANCELLED_AND_NOTIFIED and self.task.set_running_or_notify_cancel():
             return True
         self.cancelled()  # (cancelled without Task.cancel: the executor's shutdown)
         return False
