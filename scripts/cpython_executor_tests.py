@@ -308,8 +308,13 @@ def child_main(args: argparse.Namespace) -> int:
         module = importlib.import_module(f"{PACKAGE}.{module_name}")
         cls = getattr(module, class_name)
         suite = unittest.TestSuite(cls(name) for name in args.tests.split(","))
-    with open(args.events, "a", encoding="utf-8") as events:
-        result = EventResult(events, args.test_timeout)
+    return run_suite(suite, args.events, args.test_timeout)
+
+
+def run_suite(suite: unittest.TestSuite, events_path: str, test_timeout: float) -> int:
+    """Run ``suite`` in this child, each test's outcome appended to ``events_path``."""
+    with open(events_path, "a", encoding="utf-8") as events:
+        result = EventResult(events, test_timeout)
         result._arm()
         suite.run(result)
     faulthandler.cancel_dump_traceback_later()

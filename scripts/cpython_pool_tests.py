@@ -154,14 +154,7 @@ def child_main(args: argparse.Namespace) -> int:
     module = importlib.import_module(_real(short))
     cls = getattr(module, class_name)
     suite = unittest.TestSuite(cls(name) for name in args.tests.split(","))
-    with open(args.events, "a", encoding="utf-8") as events:
-        result = base.EventResult(events, args.test_timeout)
-        result._arm()
-        suite.run(result)
-    import faulthandler
-
-    faulthandler.cancel_dump_traceback_later()
-    return 0
+    return base.run_suite(suite, args.events, args.test_timeout)
 
 
 # -- the parent -------------------------------------------------------------------------

@@ -58,6 +58,13 @@ def case_lines(out: subprocess.CompletedProcess[str]) -> dict[str, str]:
     return outcomes
 
 
+def assert_all_ok(outcomes: dict[str, str], expected: set[str]) -> None:
+    """Exactly the ``expected`` cases ran, and each printed ``ok``."""
+    assert set(outcomes) == expected
+    wrong = {name: outcome for name, outcome in outcomes.items() if outcome != "ok"}
+    assert not wrong, f"{len(wrong)} of {len(outcomes)} cases failed: {wrong}"
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("start_method", START_METHODS)
@@ -69,9 +76,7 @@ def test_matrix(tmp_path: Path, start_method: str, entry: str) -> None:
     definitions = ["module", "script", "lambda", "closure", "method", "partial"]
     sites = ["main", "threads", "asyncio", "nested", "fork-child/main", "after-fork/main"]
     expected = {f"{site}/{d}" for site in sites for d in definitions} | {"fork-parent/wait"}
-    assert set(outcomes) == expected
-    wrong = {name: outcome for name, outcome in outcomes.items() if outcome != "ok"}
-    assert not wrong, f"{len(wrong)} of {len(outcomes)} cases failed: {wrong}"
+    assert_all_ok(outcomes, expected)
 
 
 @pytest.mark.timeout(300)
@@ -82,16 +87,17 @@ def test_a_scripts_functions_see_the_workers_main(tmp_path: Path, start_method: 
     sm = None if start_method == "default" else start_method
     out = run_script(tmp_path, user_scripts.WORLD.format(sm=sm))
     outcomes = case_lines(out)
-    assert set(outcomes) == {
-        "pool/script",
-        "pool/decorated",
-        "pool/in-guard",
-        "pool/late",
-        "pool/apply",
-        "executor/script",
-    }
-    wrong = {name: outcome for name, outcome in outcomes.items() if outcome != "ok"}
-    assert not wrong, wrong
+    assert_all_ok(
+        outcomes,
+        {
+            "pool/script",
+            "pool/decorated",
+            "pool/in-guard",
+            "pool/late",
+            "pool/apply",
+            "executor/script",
+        },
+    )
 
 
 @pytest.mark.timeout(300)
@@ -101,18 +107,19 @@ def test_counting_nesting_interrupts_shutdown_and_fork(tmp_path: Path) -> None:
     out = run_script(tmp_path, user_scripts.ITEMS.format())
     outcomes = case_lines(out)
     assert "end" in out.stdout.splitlines(), out.stderr[-6000:]
-    assert set(outcomes) == {
-        "max-tasks/map",
-        "max-tasks/chunks",
-        "max-tasks/spawn",
-        "max-tasks/executor",
-        "thread-nested",
-        "keyboard-interrupt",
-        "shutdown-race",
-        "user-fork",
-    }
-    wrong = {name: outcome for name, outcome in outcomes.items() if outcome != "ok"}
-    assert not wrong, wrong
+    assert_all_ok(
+        outcomes,
+        {
+            "max-tasks/map",
+            "max-tasks/chunks",
+            "max-tasks/spawn",
+            "max-tasks/executor",
+            "thread-nested",
+            "keyboard-interrupt",
+            "shutdown-race",
+            "user-fork",
+        },
+    )
 
 
 @pytest.mark.timeout(300)
