@@ -103,6 +103,12 @@ WORKLOADS: dict[str, Workload] = {
             {"reps": 3, "starts": 3},
         ),
         Workload(
+            "script", "cold, a user's script: its own function, `python script.py`", "time",
+            "`python -c pass`",
+            {"reps": 1, "starts": 3},
+            {"reps": 3, "starts": 3},
+        ),
+        Workload(
             "linalg", "numpy: `map` of {tasks} tasks, {n}x{n} matrix products and an "
             "eigen-solve (BLAS variables unset)", "time",
             "the same tasks in one process, its BLAS on every CPU",

@@ -73,6 +73,7 @@ def test_import_has_no_side_effects() -> None:
         import parfn
         assert threading.active_count() == before, "import started a thread"
         heavy = [m for m in ("cloudpickle", "multiprocessing.pool", "tqdm", "distributed",
+                             "typing", "inspect", "concurrent.futures",
                              "parfn.backends.process._backend", "parfn.backends.process._worker")
                  if m in sys.modules]
         assert not heavy, heavy

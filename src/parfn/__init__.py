@@ -15,13 +15,12 @@ parallel. ``with parfn.Pool(4): ...`` scopes a pool of four workers.
 the errors load on first use (a name below is imported when it is first read).
 """
 
-from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
-
 from ._decorator import Parallel as Parallel
 from ._decorator import parallel as parallel
 from ._runtime import in_worker as in_worker
 from ._runtime import shutdown as shutdown
+from ._typing import TYPE_CHECKING as _TYPE_CHECKING
+from ._typing import Any as _Any
 
 if _TYPE_CHECKING:
     from ._executor import ProcessPoolExecutor as ProcessPoolExecutor

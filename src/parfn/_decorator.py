@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from types import EllipsisType
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from . import _runtime
+from ._typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
 from .backends._base import Options
 
 if TYPE_CHECKING:

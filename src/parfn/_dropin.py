@@ -16,8 +16,8 @@ import itertools
 import select
 import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
+from ._typing import TYPE_CHECKING, Any
 from ._wire.errors import RemoteTraceback
 from ._wire.serialize import ExceptionEnvelope
 

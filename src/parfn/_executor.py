@@ -25,10 +25,10 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from itertools import islice
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from ._dropin import WorkerProcess, cause_as, worker_processes
 from ._task import Task
+from ._typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from ._wire.errors import PoolClosed, SerializationError
 from ._wire.serialize import ExceptionEnvelope
 

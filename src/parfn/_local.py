@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, TypeVar
+
+from ._typing import Any, Generic, ParamSpec, TypeVar
 
 __all__ = ("WorkerLocal",)
 

@@ -22,9 +22,9 @@ import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import CancelledError
-from typing import Any, TypeVar, cast
 
 from ._stats import Tally
+from ._typing import Any, TypeVar, cast
 from ._wire.errors import PoolClosed, SerializationError, _Crashed
 from .backends._base import Backend, Item, Job, Options
 

@@ -7,21 +7,20 @@ it the current pool of this context (``_scope``).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _scope
+from ._callcheck import check_call
 from ._mapping import MapIterator, MapRun
 from ._stats import CANCELLED, DONE, FAILED, PoolStats, Tally
 from ._task import Task
+from ._typing import Any, Literal, ParamSpec, TypeVar, overload
 from ._wire.errors import PoolClosed
 from .backends import BACKENDS, load
 from .backends._base import Backend, Item, Job, Options
@@ -122,46 +121,6 @@ def _unwrap(fn: Any) -> tuple[Callable[..., Any], Options]:
     if not callable(fn):
         raise TypeError(f"expected a function to run, not {type(fn).__name__} {fn!r}")
     return fn, _NO_OPTIONS
-
-
-_signatures: weakref.WeakKeyDictionary[Any, tuple[Any, set[Any]]] = weakref.WeakKeyDictionary()
-
-
-def _check_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise the TypeError a call with these arguments would, before sending it.
-
-    A call's shape (how many positional arguments, which keywords) that bound
-    once is remembered, so a function's later calls skip the check.
-    """
-    call_method = getattr(type(fn), "__call__", None)  # noqa: B004 (the method, not callability)
-    if not hasattr(getattr(fn, "__func__", fn), "__code__") and not hasattr(
-        call_method, "__code__"
-    ):
-        # Written in C (a builtin, a partial): its worker raises the same
-        # TypeError, and checking here would cost importing inspect (~5 ms)
-        # on a cold start.
-        return
-    shape = (len(args), tuple(kwargs)) if kwargs else len(args)
-    try:
-        sig, shapes = _signatures[fn]
-    except (KeyError, TypeError):
-        import inspect  # here: it costs ~3 ms to import, and most calls hit the cache
-
-        try:
-            sig = inspect.signature(fn)
-        except (TypeError, ValueError):
-            sig = None
-        shapes = set()
-        with contextlib.suppress(TypeError):  # not weak-referenceable: check each time
-            _signatures[fn] = (sig, shapes)
-    if sig is None or shape in shapes:
-        return
-    try:
-        sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        name = getattr(fn, "__qualname__", None) or repr(fn)
-        raise TypeError(f"{name}() {exc}") from None
-    shapes.add(shape)
 
 
 class Pool:
@@ -361,7 +320,7 @@ class Pool:
             return replacement._submit(fn, args, kwargs, wait)
         backend = self._check_open()
         plain, options = _unwrap(fn)
-        _check_call(plain, args, kwargs)
+        check_call(plain, args, kwargs)
         task: Task[R] = Task()
         sink = _TaskSink(task, backend, self._tally, self._error_hook)
         sink.job = job = Job(plain, (args,), options, sink, kwargs=kwargs)
@@ -594,7 +553,7 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
 def _checked_first(fn: Callable[..., Any], items: Iterator[Item], star: bool) -> Iterator[Item]:
     """Check the first item's arguments against ``fn``'s signature, now."""
     for first in items:
-        _check_call(fn, tuple(first) if star else (first,), {})
+        check_call(fn, tuple(first) if star else (first,), {})
         return itertools.chain((first,), items)
     return items
 

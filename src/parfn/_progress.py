@@ -28,7 +28,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TextIO, cast
+
+from ._typing import Any, Protocol, TextIO, cast
 
 __all__ = ("Progress", "TextBar", "open_progress")
 

@@ -25,9 +25,9 @@ import atexit
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING
 
 from . import _scope
+from ._typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._pool import Pool

@@ -11,7 +11,8 @@ nothing from parfn, so that none of those imports another.
 from __future__ import annotations
 
 import contextvars
-from typing import TYPE_CHECKING
+
+from ._typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._pool import Pool

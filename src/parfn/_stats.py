@@ -12,12 +12,15 @@ remains, so that at any moment::
     done + failed + cancelled + running + queued == submitted
 """
 
+from __future__ import annotations
+
 import itertools
 import threading
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import CancelledError
-from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ._typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from .backends._base import Counts
@@ -243,7 +246,7 @@ class Tally:
                 self.cancelled += owner.unsettled
                 owner.unsettled = 0
 
-    def snapshot(self, counts: "Counts") -> PoolStats:
+    def snapshot(self, counts: Counts) -> PoolStats:
         with self._lock:
             self._add_up()  # the outcomes first: each call's submission came before it
             submitted, done, failed, cancelled = (
@@ -272,6 +275,6 @@ class Tally:
         )
 
 
-def _drawn(count: "itertools.count[int]") -> int:
+def _drawn(count: itertools.count[int]) -> int:
     """How many numbers ``next()`` drew from ``count`` (from 0): its repr is ``count(n)``."""
     return int(repr(count)[6:-1])

@@ -20,7 +20,8 @@ from concurrent.futures._base import (
     PENDING,
     RUNNING,
 )
-from typing import Any, Protocol, TypeVar
+
+from ._typing import Any, Protocol, TypeVar
 
 R = TypeVar("R")
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+
+from ._typing import Any
 
 try:
     import joblib

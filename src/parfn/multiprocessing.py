@@ -35,10 +35,10 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Future
-from typing import Any, Generic, TypeVar
 
 from ._dropin import Raised, WorkerProcess, call_catching, cause_as, run_chunk, worker_processes
 from ._pool import Pool as _ParfnPool
+from ._typing import Any, Generic, TypeVar
 from ._wire.errors import SerializationError
 from .backends._base import available_cpus
 

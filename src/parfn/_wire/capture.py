@@ -43,8 +43,8 @@ import pickle
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
+from .._typing import Any
 from .protocol import Log, LogLevels, Output, encode
 
 __all__ = (

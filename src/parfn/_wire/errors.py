@@ -18,7 +18,8 @@ itself, with the worker's traceback text attached as its ``__cause__``.
 from __future__ import annotations
 
 import pickle
-from typing import TYPE_CHECKING, Any
+
+from .._typing import TYPE_CHECKING, Any
 
 __all__ = (
     "MemoryLimitExceeded",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from itertools import starmap
-from typing import Any
 
+from .._typing import Any
 from .protocol import ANY_ITEM, SLOT_INDEX, SLOT_START
 
 __all__ = ("run_items",)

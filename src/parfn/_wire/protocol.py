@@ -33,9 +33,11 @@ parent knows, without a message per item, which item a crashed or timed-out
 worker was running, and when that item began.
 """
 
-import pickle
-from typing import Any, NamedTuple
+from __future__ import annotations
 
+import pickle
+
+from .._typing import Any, NamedTuple
 from .serialize import ExceptionEnvelope
 
 __all__ = (

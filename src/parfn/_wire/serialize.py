@@ -27,10 +27,10 @@ import marshal
 import pickle
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import MethodType, TracebackType
-from typing import Any
 
+from .._typing import Any
 from . import shm as _shm
 from .errors import RemoteError, RemoteTraceback, SerializationError
 from .shm import Readers
@@ -41,6 +41,7 @@ __all__ = (
     "dumps",
     "load_function",
     "loads",
+    "script_functions",
     "wrap_exception",
 )
 
@@ -206,12 +207,20 @@ def resolve(module: str, qualname: str) -> Any:
     return obj
 
 
-def dump_function(fn: Callable[..., Any], *, main_by_reference: bool = True) -> bytes:
+def dump_function(
+    fn: Callable[..., Any],
+    *,
+    main_by_reference: bool = True,
+    inherited: Mapping[str, types.FunctionType] | None = None,
+) -> bytes:
     """Serialize a function to send to workers: by reference when importable.
 
     ``main_by_reference``: whether functions named in a script's ``__main__``
     travel by reference (process workers, whose ``__main__`` is the script's);
     False sends them by value (a Dask worker's ``__main__`` is not the user's).
+    ``inherited``: the script's functions the workers are known to have
+    (forked after they were defined, see :func:`script_functions`): these
+    travel by name alone, with no copy by value, and so without cloudpickle.
     """
     ref = _importable(fn)
     if ref is not None:
@@ -228,6 +237,9 @@ def dump_function(fn: Callable[..., Any], *, main_by_reference: bool = True) -> 
             return data
     try:
         if main_by_reference and _script_main() is not None:
+            name: str = getattr(fn, "__qualname__", "")
+            if inherited and inherited.get(name) is fn:
+                return pickle.dumps((_MAIN_NAME, name, marshal.dumps(fn.__code__)), PROTOCOL)
             return _dumps_with(_ScriptPickler, fn)
         return bytes(_cloudpickle().dumps(fn, PROTOCOL))
     except Exception as exc:
@@ -237,7 +249,9 @@ def dump_function(fn: Callable[..., Any], *, main_by_reference: bool = True) -> 
 def load_function(data: bytes) -> Callable[..., Any]:
     """Inverse of :func:`dump_function`, run in the worker."""
     obj = pickle.loads(data)
-    if isinstance(obj, tuple):
+    if isinstance(obj, tuple) and len(obj) == 3 and obj[0] == _MAIN_NAME:
+        obj = _from_main(obj[1], obj[2], None)
+    elif isinstance(obj, tuple):
         obj = resolve(*obj)
         # A decorated module-level function: run the plain function it wraps.
         # (Duck-typed, so that a worker never imports the decorator module.)
@@ -263,6 +277,25 @@ def _script_main() -> types.ModuleType | None:
     return main
 
 
+def script_functions() -> dict[str, types.FunctionType]:
+    """The functions a script's ``__main__`` names now (a ``Parallel``'s own,
+    under its name), by name: those that a worker forked now will have.
+
+    Taken when a pool forks the process its workers come from, it tells
+    ``dump_function`` which functions need not travel by value.
+    """
+    main = _script_main()
+    if main is None:
+        return {}
+    found = {}
+    for name, value in list(vars(main).items()):
+        if getattr(type(value), "_parfn_parallel", False):  # a Parallel
+            value = value.__wrapped__
+        if type(value) is types.FunctionType and value.__qualname__ == name:
+            found[name] = value
+    return found
+
+
 def _named_in_main(fn: Any, main: types.ModuleType) -> bool:
     """True if ``fn`` is the function ``__main__`` names by its qualified name."""
     qualname = getattr(fn, "__qualname__", "")
@@ -285,6 +318,8 @@ def _dumps_with(pickler_type: Any, obj: Any) -> bytes:
     return buf.getvalue()
 
 
+_MAIN_NAME = "__main__"
+"""First of ``(_MAIN_NAME, qualname, code)``: a script's function the worker has."""
 _MAIN_GLOBALS = "parfn:__main__"
 """The persistent id of a script's ``__main__`` globals, in a function sent by value."""
 

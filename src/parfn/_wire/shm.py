@@ -63,7 +63,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Literal
+
+from .._typing import Any, Literal
 
 __all__ = (
     "SHM_DIR",

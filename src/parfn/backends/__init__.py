@@ -7,8 +7,8 @@ only when asked for, and a worker process imports none of them.
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
+from .._typing import Any
 from ._base import Backend
 
 __all__ = ("BACKENDS", "load")

@@ -23,7 +23,8 @@ Contract for a backend, whatever runs the items:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+
+from .._typing import Any, NamedTuple, Protocol
 
 __all__ = (
     "Backend",

@@ -24,8 +24,8 @@ import logging
 import sys
 import threading
 from collections import deque
-from typing import Any
 
+from .._typing import Any
 from .._wire.protocol import LogLevels, encode
 
 __all__ = ("TAIL_LINES", "WorkerOutput", "replay", "wanted_levels", "write_out")

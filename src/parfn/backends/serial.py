@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
+from .._typing import Any
 from .._wire.execute import run_items
 from ._base import Counts, Job
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from typing import Any
 
 from .. import _scope
+from .._typing import Any
 from .._wire.errors import TaskTimeout
 from .._wire.execute import run_items
 from ._base import Counts, Job, available_cpus, fail_items

@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError
 from functools import partial
-from typing import Any
 
+from ..._typing import Any
 from ..._wire.errors import PoolClosed, SerializationError
 from .._base import Counts, Job
 from .._replay import replay, wanted_levels

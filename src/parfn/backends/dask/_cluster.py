@@ -15,8 +15,8 @@ import tempfile
 import uuid
 import weakref
 from collections.abc import Callable
-from typing import Any
 
+from ..._typing import Any
 from ..._wire.serialize import dumps
 from .._base import available_cpus
 from ._remote import initializer_plugin

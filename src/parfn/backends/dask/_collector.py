@@ -13,8 +13,8 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
+from ..._typing import Any
 from ._runs import Run
 
 __all__ = ("Collector",)

@@ -14,8 +14,8 @@ import contextlib
 import copy
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from typing import Any
 
+from ..._typing import Any
 from ..._wire.errors import TaskTimeout, WorkerCrashed
 from ..._wire.serialize import loads
 from .._base import Job

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import Any
 
 from ... import _scope
+from ..._typing import Any
 from ..._wire.capture import collected
 from ..._wire.errors import RemoteError, SerializationError
 from ..._wire.execute import run_items

@@ -12,8 +12,8 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
+from ..._typing import Any
 from ..._wire.errors import SerializationError
 from ..._wire.serialize import describe_item_error, dump_function, dumps
 from .._base import Job

@@ -64,7 +64,7 @@ for ``_worker`` and must not pay for the parent's side.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from ..._typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._backend import ProcessPool as ProcessPool

@@ -19,11 +19,11 @@ import selectors
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
 
+from ..._typing import Any
 from ..._wire.errors import PoolClosed, SerializationError
 from ..._wire.protocol import SLOT_JOB, Cancel, encode
-from ..._wire.serialize import dump_function
+from ..._wire.serialize import dump_function, script_functions
 from ..._wire.shm import release_leftovers, sweep_stale
 from ..._wire.threadcaps import default_threads_per_worker, thread_caps
 from .._base import Counts, Job, available_cpus
@@ -82,11 +82,15 @@ class ProcessPool(PoolState):
         if start_method is None:
             start_method = default_start_method()
         check_options(start_method, max_tasks_per_worker, initializer)
+        # The script's functions that the workers forked by the zygote (below)
+        # will have: they travel by name alone (_wire.serialize.script_functions).
+        by_zygote = start_method == "fork" and zygote_available()
+        inherited = script_functions() if by_zygote else {}
         # The initializer travels like any function (lambdas too); its
         # arguments are inherited by forked workers, and are Process
         # arguments otherwise, so that multiprocessing objects (Queue, Lock,
         # Value) can be passed by inheritance, as with multiprocessing.Pool.
-        init = None if initializer is None else dump_function(initializer)
+        init = None if initializer is None else dump_function(initializer, inherited=inherited)
         initargs = () if initializer is None else tuple(initargs)
         check_initargs(initargs, start_method)
         memory_limit = None
@@ -110,7 +114,8 @@ class ProcessPool(PoolState):
         sweep_stale()  # segments of processes killed before they could clean up
         self.on_demand = start_on_demand
         register_pool(self)
-        if start_method == "fork" and zygote_available():
+        self._inherited_main = inherited
+        if by_zygote:
             # Before the manager thread exists, from this thread, holding no
             # lock: the zygote, then the first workers (see _start, _zygote).
             # Workers that start on demand come when work calls for them.

@@ -16,7 +16,8 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+
+from ..._typing import Any
 
 __all__ = ("Channel", "Reader", "write_frame")
 

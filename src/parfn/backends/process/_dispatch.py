@@ -23,8 +23,8 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from typing import Any
 
+from ..._typing import Any
 from ..._wire.errors import PoolClosed, SerializationError
 from ..._wire.protocol import Batch, Define, Forget, Run, encode
 from ..._wire.serialize import describe_item_error, dump_function, dumps
@@ -100,7 +100,7 @@ def pickled_function(pool: PoolState, fn: Callable[..., Any]) -> PickledFunction
     hit = pool._fn_cache.get(id(fn))
     if hit is not None and hit[0]() is fn:
         return hit[1]
-    data = dump_function(fn)
+    data = dump_function(fn, inherited=pool._inherited_main)
     with pool._fn_lock:
         by_data = pool._fn_by_data
         function = by_data.get(data)

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
+from ..._typing import Any
 from ..._wire import shm
 from .. import _replay
 from . import _channel

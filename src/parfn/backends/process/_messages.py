@@ -9,8 +9,7 @@ accounted for under the lock and returned, to be delivered with no lock held.
 
 from __future__ import annotations
 
-from typing import Any
-
+from ..._typing import Any
 from ..._wire.protocol import InitFailed, Log, Output, Results, decode
 from .._replay import replay
 from ._deaths import on_init_failed

@@ -11,8 +11,7 @@ fails. A worker above ``max_memory_per_worker`` after a task retires too.
 
 from __future__ import annotations
 
-from typing import Any
-
+from ..._typing import Any
 from ..._wire.errors import SerializationError
 from ..._wire.protocol import Results
 from ..._wire.serialize import dumps

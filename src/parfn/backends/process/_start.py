@@ -26,8 +26,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Protocol
 
+from ..._typing import Any, Protocol
 from ..._wire.shm import release_leftovers
 from . import _zygote
 from ._channel import Channel

@@ -16,8 +16,8 @@ import threading
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
 
+from ..._typing import Any
 from ..._wire.errors import SerializationError
 from ..._wire.protocol import SLOT_INDEX, SLOT_JOB, SLOT_START
 from ..._wire.serialize import loads
@@ -187,6 +187,8 @@ class PoolState:
         self._init = init  # the pickled initializer
         self._initargs = initargs  # Process arguments (multiprocessing pickles them)
         self._zygote: Any = None  # the zygote that forks the workers (fork), see _start
+        # The script's functions the workers have by fork (name -> function): see _dispatch.
+        self._inherited_main: dict[str, Any] = {}
         self._broken: str | None = None  # why no worker can be started any more
 
         self._lock = threading.Lock()

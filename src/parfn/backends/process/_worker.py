@@ -26,8 +26,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
+from ..._typing import Any
 from ..._wire import capture
 from ..._wire.errors import SerializationError
 from ..._wire.execute import run_items

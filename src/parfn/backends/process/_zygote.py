@@ -41,8 +41,8 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any
 
+from ..._typing import Any
 from . import _forksafe
 from ._state import parent_fds, start_lock
 
