@@ -136,3 +136,48 @@ def test_closures_over_big_data_are_let_go(tmp_path: Path) -> None:
     for who in ("parent", "worker"):
         first, last = sizes[who]
         assert last - first < 100, f"the {who} grew from {first} MB to {last} MB"
+
+
+REDEFINED = """
+import sys
+
+import parfn
+
+METHOD = None if sys.argv[1] == "default" else sys.argv[1]
+
+
+def version(x):
+    return ("first", x)
+
+
+def other(x):
+    return ("other", x)
+
+
+if __name__ == "__main__":
+    with parfn.Pool(2, start_method=METHOD) as pool:
+        print(pool.apply(version, 1))
+
+        def version(x):  # the same name, new code, after the pool started
+            return ("second", x)
+
+        print(pool.apply(version, 2), pool.map(version, [3]))
+        other.__code__ = (lambda x: ("third", x)).__code__  # changed in place
+        print(pool.apply(other, 4))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", _scripts.SCRIPT_METHODS)
+def test_a_function_redefined_after_the_pool_started_runs_its_new_code(
+    tmp_path: Path, start_method: str
+) -> None:
+    """Workers forked when the pool started have the script's functions of
+    then, and get them by name alone; a function defined or changed since
+    travels by value."""
+    out = _scripts.run_script(tmp_path, REDEFINED, start_method).stdout
+    assert out.splitlines() == [
+        "('first', 1)",
+        "('second', 2) [('second', 3)]",
+        "('third', 4)",
+    ]

@@ -211,16 +211,16 @@ def dump_function(
     fn: Callable[..., Any],
     *,
     main_by_reference: bool = True,
-    inherited: Mapping[str, types.FunctionType] | None = None,
+    inherited: Mapping[str, tuple[types.FunctionType, types.CodeType]] | None = None,
 ) -> bytes:
     """Serialize a function to send to workers: by reference when importable.
 
     ``main_by_reference``: whether functions named in a script's ``__main__``
     travel by reference (process workers, whose ``__main__`` is the script's);
     False sends them by value (a Dask worker's ``__main__`` is not the user's).
-    ``inherited``: the script's functions the workers are known to have
-    (forked after they were defined, see :func:`script_functions`): these
-    travel by name alone, with no copy by value, and so without cloudpickle.
+    ``inherited``: the script's functions the workers are known to have, with
+    their code (forked after they were defined, see :func:`script_functions`):
+    these travel by name alone, with no copy by value, and so without cloudpickle.
     """
     ref = _importable(fn)
     if ref is not None:
@@ -238,7 +238,7 @@ def dump_function(
     try:
         if main_by_reference and _script_main() is not None:
             name: str = getattr(fn, "__qualname__", "")
-            if inherited and inherited.get(name) is fn:
+            if inherited and inherited.get(name) == (fn, getattr(fn, "__code__", None)):
                 return pickle.dumps((_MAIN_NAME, name, marshal.dumps(fn.__code__)), PROTOCOL)
             return _dumps_with(_ScriptPickler, fn)
         return bytes(_cloudpickle().dumps(fn, PROTOCOL))
@@ -250,7 +250,7 @@ def load_function(data: bytes) -> Callable[..., Any]:
     """Inverse of :func:`dump_function`, run in the worker."""
     obj = pickle.loads(data)
     if isinstance(obj, tuple) and len(obj) == 3 and obj[0] == _MAIN_NAME:
-        obj = _from_main(obj[1], obj[2], None)
+        obj = _inherited(obj[1], obj[2])
     elif isinstance(obj, tuple):
         obj = resolve(*obj)
         # A decorated module-level function: run the plain function it wraps.
@@ -277,9 +277,9 @@ def _script_main() -> types.ModuleType | None:
     return main
 
 
-def script_functions() -> dict[str, types.FunctionType]:
+def script_functions() -> dict[str, tuple[types.FunctionType, types.CodeType]]:
     """The functions a script's ``__main__`` names now (a ``Parallel``'s own,
-    under its name), by name: those that a worker forked now will have.
+    under its name), with their code, by name: what a worker forked now will have.
 
     Taken when a pool forks the process its workers come from, it tells
     ``dump_function`` which functions need not travel by value.
@@ -292,7 +292,7 @@ def script_functions() -> dict[str, types.FunctionType]:
         if getattr(type(value), "_parfn_parallel", False):  # a Parallel
             value = value.__wrapped__
         if type(value) is types.FunctionType and value.__qualname__ == name:
-            found[name] = value
+            found[name] = (value, value.__code__)
     return found
 
 
@@ -428,6 +428,32 @@ def _setstate_into_main(fn: Any, state: tuple[dict[str, Any], dict[str, Any]]) -
         target["__builtins__"] = builtins
 
 
+def _named_here(qualname: str, code: bytes) -> types.FunctionType | None:
+    """The function this process's ``__main__`` names ``qualname``, if its code is ``code``."""
+    found: Any = sys.modules["__main__"]
+    try:
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        if getattr(found, "_parfn_parallel", False):
+            found = found.__wrapped__
+        if type(found) is types.FunctionType and found.__code__ == marshal.loads(code):
+            return found
+    except Exception:
+        pass
+    return None
+
+
+def _inherited(qualname: str, code: bytes) -> types.FunctionType:
+    """In a worker forked after the script defined ``qualname``: that function."""
+    found = _named_here(qualname, code)
+    if found is None:
+        raise LookupError(
+            f"__main__ has no function {qualname!r} with the code it had when this worker's "
+            "pool started"
+        )
+    return found
+
+
 def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
     """In a worker: the function ``__main__`` names ``qualname``, if it has the same code.
 
@@ -438,17 +464,9 @@ def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
     guard, or changed since) it is loaded by value, with the worker's
     ``__main__`` as its globals, and given that name there if it is free.
     """
-    main = sys.modules["__main__"]
-    found: Any = main
-    try:
-        for part in qualname.split("."):
-            found = getattr(found, part)
-        if getattr(found, "_parfn_parallel", False):
-            found = found.__wrapped__
-        if type(found) is types.FunctionType and found.__code__ == marshal.loads(code):
-            return found
-    except Exception:
-        pass
+    found = _named_here(qualname, code)
+    if found is not None:
+        return found
     if fallback is None:
         raise LookupError(
             f"__main__ has no function {qualname!r} here, and it could not be sent by value "
@@ -460,7 +478,7 @@ def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
     fn = _IntoMainUnpickler(io.BytesIO(fallback)).load()
     if "." not in qualname:
         fn.__globals__.setdefault(qualname, fn)
-        main.__dict__.setdefault(qualname, fn)
+        sys.modules["__main__"].__dict__.setdefault(qualname, fn)
     return fn
 
 

@@ -187,7 +187,8 @@ class PoolState:
         self._init = init  # the pickled initializer
         self._initargs = initargs  # Process arguments (multiprocessing pickles them)
         self._zygote: Any = None  # the zygote that forks the workers (fork), see _start
-        # The script's functions the workers have by fork (name -> function): see _dispatch.
+        # The script's functions the workers have by fork (name -> (function,
+        # code)): they travel by name alone (_wire.serialize.script_functions).
         self._inherited_main: dict[str, Any] = {}
         self._broken: str | None = None  # why no worker can be started any more
 
