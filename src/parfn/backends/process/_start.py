@@ -302,6 +302,8 @@ def close_workers(pool: PoolState) -> None:
         workers = list(pool._workers)
         for worker in workers:
             retire(pool, worker)
+    if pool._zygote is not None:
+        pool._zygote.hang_up()
     deadline = time.monotonic() + JOIN_TIMEOUT
     for worker in workers:
         worker.process.join(max(0.0, deadline - time.monotonic()))

@@ -262,6 +262,19 @@ class Zygote:
             "(killed from outside?): no worker can be started; start a new pool"
         )
 
+    def hang_up(self) -> None:
+        """Ask for no more workers: the zygote still reports each one's end, and
+        exits after the last (so that ``close`` need not wait for it to notice)."""
+        with self._lock, start_lock:  # start_lock: see _receive, on dup
+            if self._fd >= 0:
+                sock = _socket.socket(fileno=os.dup(self._fd))
+                try:
+                    sock.shutdown(_socket.SHUT_WR)
+                except OSError:
+                    pass
+                finally:
+                    sock.close()
+
     def close(self) -> None:
         """Close the control socket (the zygote exits once its workers have), and reap it."""
         with start_lock:
@@ -320,14 +333,13 @@ def _serve(
                 poller.unregister(fd)
                 os.close(fd)
                 _, status = os.waitpid(pid, 0)
-                if open_:
-                    _send(ctl, _RECORD.pack(b"X", pid, os.waitstatus_to_exitcode(status)))
+                _send(ctl, _RECORD.pack(b"X", pid, os.waitstatus_to_exitcode(status)))
                 continue
             try:
                 request = ctl.recv(64)
             except OSError:
                 request = b""
-            if not request:  # the pool is closed: wait for the workers, then exit
+            if not request:  # the pool is closing: report the workers' ends, then exit
                 open_ = False
                 poller.unregister(ctl.fileno())
                 continue
@@ -370,11 +382,14 @@ def _fork_worker(
 
 
 def _send(ctl: Any, record: bytes, fds: tuple[int, ...] = ()) -> None:
+    # MSG_NOSIGNAL: a pool gone is an error here, not a SIGPIPE (which a
+    # program may have set back to its default, killing).
     try:
         if fds:
-            ctl.sendmsg([record], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _FDS.pack(*fds))])
+            rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _FDS.pack(*fds))]
+            ctl.sendmsg([record], rights, _socket.MSG_NOSIGNAL)
         else:
-            ctl.send(record)
+            ctl.send(record, _socket.MSG_NOSIGNAL)
     except OSError:
         pass  # the pool is gone: nobody to tell
 
