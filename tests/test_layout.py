@@ -194,6 +194,13 @@ if __name__ == "__main__":
     print("imported", sorted(m for m in {HEAVY} if m in sys.modules))
     with parfn.Pool(2, start_method=METHOD) as pool:
         print(square.apply(3), pool.apply(double, 4), square.map(range(4)))
+    import multiprocessing
+
+    import parfn.multiprocessing
+
+    context = multiprocessing.get_context(METHOD)  # METHOD None: the default
+    with parfn.multiprocessing.Pool(2, context=context) as mp_pool:  # the drop-in
+        print(mp_pool.map(double, [1, 2]))
     print("loaded", sorted(m for m in {HEAVY} if m in sys.modules))
 """
 
@@ -209,12 +216,13 @@ def test_a_scripts_first_calls_load_no_typing_inspect_or_cloudpickle(
     lines = out.splitlines()
     assert lines[0] == "imported []"
     assert lines[1] == "9 8 [0, 1, 4, 9]"
+    assert lines[2] == "[2, 4]"
     if method in ("default", "fork"):
         # Workers forked after the script defined its functions have them:
         # they are sent by name alone, not by value with cloudpickle.
-        assert lines[2] == "loaded []"
+        assert lines[3] == "loaded []"
     else:
         # Spawned workers import the script anew: its functions also travel
         # by value (cloudpickle, which imports the other two), in case a
         # worker lacks them.
-        assert "'cloudpickle'" in lines[2]
+        assert "'cloudpickle'" in lines[3]

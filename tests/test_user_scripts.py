@@ -154,7 +154,43 @@ def other(x):
     return ("other", x)
 
 
+def get_config():  # memoized by rebinding its own name, in the worker
+    global get_config
+    config = {"ready": True}
+    get_config = lambda: config  # noqa: E731
+    return config
+
+
+def uses_config(x):
+    return (get_config()["ready"], x)
+
+
+def work(x):
+    return ("the script's", x)
+
+
+def rebind_work():  # an initializer that rebinds a script function in the worker
+    global work
+
+    def work(x):
+        return ("rebound", x)
+
+
+class AnswersAnything(type):
+    def __getattr__(cls, name):
+        return f"<{name}>"
+
+
+class Settings(metaclass=AnswersAnything):  # an unrelated global with odd attributes
+    pass
+
+
+settings = Settings()
+
+
 if __name__ == "__main__":
+    with parfn.Pool(1, start_method=METHOD, initializer=rebind_work) as pool:
+        print(pool.apply(uses_config, 1), pool.apply(get_config), pool.apply(work, 2))
     with parfn.Pool(2, start_method=METHOD) as pool:
         print(pool.apply(version, 1))
 
@@ -177,7 +213,66 @@ def test_a_function_redefined_after_the_pool_started_runs_its_new_code(
     travels by value."""
     out = _scripts.run_script(tmp_path, REDEFINED, start_method).stdout
     assert out.splitlines() == [
+        "(True, 1) {'ready': True} (\"the script's\", 2)",
         "('first', 1)",
         "('second', 2) [('second', 3)]",
         "('third', 4)",
     ]
+
+
+OWN_CLASSES = """
+import dataclasses
+import sys
+
+import parfn
+
+METHOD = None if sys.argv[1] == "default" else sys.argv[1]
+
+
+class MyError(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+
+def fail(x):
+    raise MyError(f"bad {x}")
+
+
+def make(x):
+    return Point(x)
+
+
+if __name__ == "__main__":
+    with parfn.Pool(2, start_method=METHOD) as pool:
+        try:
+            pool.apply(fail, 1)
+        except MyError as exc:
+            print("caught", exc)
+        got = pool.map(make, [1, 2])
+        print(got == [Point(1), Point(2)], all(type(p) is Point for p in got))
+        print([type(e) is MyError for e in pool.map(fail, [3], return_exceptions=True)])
+
+        class Late(Exception):  # defined after the pool started
+            pass
+
+        def late(x):
+            raise Late(x)
+
+        try:
+            pool.apply(late, 4)
+        except Late as exc:
+            print("caught late", exc)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", _scripts.SCRIPT_METHODS)
+def test_the_scripts_own_classes_come_back_as_themselves(tmp_path: Path, start_method: str) -> None:
+    """A worker's results and exceptions of classes the script defines are the
+    script's own classes in the caller: ``except MyError`` catches."""
+    out = _scripts.run_script(tmp_path, OWN_CLASSES, start_method).stdout
+    assert out.splitlines() == ["caught bad 1", "True True", "[True]", "caught late 4"]

@@ -5,12 +5,13 @@ in the caller, rather than on a worker. A call's shape (how many positional
 arguments, which keywords) that fitted once is remembered, so a function's
 later calls skip the check.
 
-A plain Python function is checked by Python itself: by calling a stub made
-with the same parameters and an empty body, which raises the very TypeError
-the function would ("square() takes 1 positional argument but 2 were
-given"). Other callables go through ``inspect.signature``, imported only
-then: ``inspect`` costs ~7 ms to import, more than a cold start's whole first
-call.
+A function written in Python (a plain function, a bound method, an object
+whose class defines ``__call__`` in Python) is checked by Python itself: by
+calling a stub made with the same parameters and an empty body, which raises
+the very TypeError the call would ("square() takes 1 positional argument but
+2 were given"). Other callables go through ``inspect.signature``, imported
+only then: ``inspect`` costs ~7 ms to import, more than a cold start's whole
+first call.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def _checker(fn: Callable[..., Any]) -> Callable[..., Any] | None:
         stub = _stub(fn.__func__)
         if stub is not None:
             return types.MethodType(stub, fn.__self__)
+    else:
+        call = getattr(type(fn), "__call__", None)  # noqa: B004 (the method, not callability)
+        if type(call) is types.FunctionType:  # an object whose class defines __call__
+            stub = _stub(call)
+            if stub is not None:
+                return types.MethodType(stub, fn)
     return _by_signature(fn)
 
 

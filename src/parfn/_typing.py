@@ -17,6 +17,12 @@ that code needs of them:
 
 The test suite checks that ``import parfn`` and a first call import no
 ``typing`` (``tests/test_layout.py``).
+
+What a user's annotations do with parfn's types works as with ``typing``'s:
+``Optional[parfn.Parallel[[int], int]]``, ``parfn.Task[int]``,
+``typing.get_type_hints`` of the user's own functions. What does not: runtime
+introspection of parfn's *own* annotations (``typing.get_type_hints(parfn.Pool.map)``
+meets a stand-in ``ParamSpec`` where ``typing`` wants its own).
 """
 
 from __future__ import annotations
@@ -70,7 +76,14 @@ else:
         """A base whose subclasses are subscriptable, as ``list`` is."""
 
         __slots__ = ()
-        __class_getitem__ = classmethod(types.GenericAlias)
+
+        def __class_getitem__(cls, params):
+            # A ParamSpec's argument list becomes a tuple, as typing makes it:
+            # the alias stays hashable (``Optional[Parallel[[int], int]]``).
+            params = params if type(params) is tuple else (params,)
+            return types.GenericAlias(
+                cls, tuple(tuple(p) if type(p) is list else p for p in params)
+            )
 
     class Protocol(Generic):
         """A base for interfaces: type checkers check them, the run time does not."""

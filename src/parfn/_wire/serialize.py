@@ -23,6 +23,8 @@ cloudpickle is imported on first need, to keep ``import parfn`` cheap.
 from __future__ import annotations
 
 import importlib
+import io
+import itertools
 import marshal
 import pickle
 import sys
@@ -41,7 +43,8 @@ __all__ = (
     "dumps",
     "load_function",
     "loads",
-    "script_functions",
+    "forget_snapshot",
+    "snapshot_script",
     "wrap_exception",
 )
 
@@ -61,8 +64,15 @@ def dumps(
     *,
     shm: Readers | None = None,
     inputs: bytes | None = None,
+    main_by_reference: bool = False,
 ) -> bytes:
     """Pickle ``obj``; ``what`` names it in the error ("argument 1", "the result").
+
+    Objects of the script's ``__main__`` (an instance of a class it defines)
+    travel by value, with cloudpickle, as the receiver may lack them; with
+    ``main_by_reference``, by reference, as pickle sends them: for a worker's
+    results and exceptions, whose receiver, the caller, is the script itself
+    (so that ``except MyError`` catches the script's own class).
 
     ``shm``: let big buffers travel through shared memory (see ``shm``):
     ``"one"`` receiver will load the bytes and own the memory, or ``"many"``
@@ -89,14 +99,16 @@ def dumps(
             data = pickle.dumps(obj, PROTOCOL, buffer_callback=out_of_band)
         except Exception:
             data = None
-        if data is not None and not big and len(data) < _shm.THRESHOLD and _MAIN not in data:
+        if data is not None and not main_by_reference and _MAIN in data:
+            data = None  # by value
+        if data is not None and not big and len(data) < _shm.THRESHOLD:
             return data  # nothing big: the bytes of plain pickle
         return _dumps_shared(obj, what, shm, inputs, data, big, out_of_band)
     try:
         data = pickle.dumps(obj, PROTOCOL)
     except Exception:
         data = None
-    if data is None or _MAIN in data:
+    if data is None or (not main_by_reference and _MAIN in data):
         try:
             data = _cloudpickle().dumps(obj, PROTOCOL)
         except Exception as exc:
@@ -115,9 +127,10 @@ def _dumps_shared(
 ) -> bytes:
     """The rest of ``dumps(shm=...)``: by value if need be, then big buffers to shared memory.
 
-    ``data``/``big``: the outcome of the first try, with the C pickler.
+    ``data``/``big``: the outcome of the first try, with the C pickler (None:
+    by value).
     """
-    by_value = data is None or _MAIN in data
+    by_value = data is None
     if by_value:
         big.clear()
         try:
@@ -211,16 +224,17 @@ def dump_function(
     fn: Callable[..., Any],
     *,
     main_by_reference: bool = True,
-    inherited: Mapping[str, tuple[types.FunctionType, types.CodeType]] | None = None,
+    forked_with: int | None = None,
 ) -> bytes:
     """Serialize a function to send to workers: by reference when importable.
 
     ``main_by_reference``: whether functions named in a script's ``__main__``
     travel by reference (process workers, whose ``__main__`` is the script's);
     False sends them by value (a Dask worker's ``__main__`` is not the user's).
-    ``inherited``: the script's functions the workers are known to have, with
-    their code (forked after they were defined, see :func:`script_functions`):
-    these travel by name alone, with no copy by value, and so without cloudpickle.
+    ``forked_with``: the token of the snapshot of the script's functions
+    (:func:`snapshot_script`) taken before the workers were forked: those
+    functions travel as a reference into it, with no copy by value, and so
+    without cloudpickle.
     """
     ref = _importable(fn)
     if ref is not None:
@@ -237,10 +251,8 @@ def dump_function(
             return data
     try:
         if main_by_reference and _script_main() is not None:
-            name: str = getattr(fn, "__qualname__", "")
-            if inherited and inherited.get(name) == (fn, getattr(fn, "__code__", None)):
-                return pickle.dumps((_MAIN_NAME, name, marshal.dumps(fn.__code__)), PROTOCOL)
-            return _dumps_with(_ScriptPickler, fn)
+            by_name = _dumps_forked_with(fn, forked_with)
+            return by_name if by_name is not None else _dumps_with(_ScriptPickler, fn)
         return bytes(_cloudpickle().dumps(fn, PROTOCOL))
     except Exception as exc:
         raise SerializationError(_cannot_pickle(fn, "the function", exc)) from exc
@@ -248,10 +260,8 @@ def dump_function(
 
 def load_function(data: bytes) -> Callable[..., Any]:
     """Inverse of :func:`dump_function`, run in the worker."""
-    obj = pickle.loads(data)
-    if isinstance(obj, tuple) and len(obj) == 3 and obj[0] == _MAIN_NAME:
-        obj = _inherited(obj[1], obj[2])
-    elif isinstance(obj, tuple):
+    obj = _IntoMainUnpickler(io.BytesIO(data)).load()
+    if isinstance(obj, tuple):
         obj = resolve(*obj)
         # A decorated module-level function: run the plain function it wraps.
         # (Duck-typed, so that a worker never imports the decorator module.)
@@ -277,23 +287,78 @@ def _script_main() -> types.ModuleType | None:
     return main
 
 
-def script_functions() -> dict[str, tuple[types.FunctionType, types.CodeType]]:
-    """The functions a script's ``__main__`` names now (a ``Parallel``'s own,
-    under its name), with their code, by name: what a worker forked now will have.
+_snapshots: dict[int, dict[str, tuple[types.FunctionType, types.CodeType]]] = {}
+"""The script's functions, with their code, by name, per snapshot token: a
+process forked after a snapshot was taken has these very objects."""
+_tokens = itertools.count(1)
 
-    Taken when a pool forks the process its workers come from, it tells
-    ``dump_function`` which functions need not travel by value.
+
+def snapshot_script() -> int | None:
+    """Note the functions a script's ``__main__`` names now (a ``Parallel``'s
+    own under its name), as they are: a process forked from now on has them.
+
+    Returns the token that :func:`dump_function` takes (None outside a
+    script); :func:`forget_snapshot` drops it. A pool takes one before it
+    forks the process its workers come from.
     """
     main = _script_main()
     if main is None:
-        return {}
+        return None
     found = {}
     for name, value in list(vars(main).items()):
-        if getattr(type(value), "_parfn_parallel", False):  # a Parallel
-            value = value.__wrapped__
+        try:
+            if type(value) is not types.FunctionType and (
+                getattr(type(value), "_parfn_parallel", None) is True  # a Parallel
+            ):
+                value = value.__wrapped__
+        except Exception:  # an object whose class answers any attribute, or raises
+            continue
         if type(value) is types.FunctionType and value.__qualname__ == name:
             found[name] = (value, value.__code__)
-    return found
+    token = next(_tokens)
+    _snapshots[token] = found
+    return token
+
+
+def forget_snapshot(token: int | None) -> None:
+    """Drop a snapshot (in this process; the workers keep their copy)."""
+    _snapshots.pop(token, None)  # type: ignore[arg-type]
+
+
+def _dumps_forked_with(obj: Any, token: int | None) -> bytes | None:
+    """``obj`` pickled with the snapshot's functions as references into it, or
+    None if it names ``__main__`` otherwise (or cannot be pickled so)."""
+    functions = _snapshots.get(token) if token is not None else None
+    if not functions:
+        return None
+    buf = io.BytesIO()
+    try:
+        _ForkedWithPickler(buf, token, functions).dump(obj)
+    except Exception:
+        return None
+    data = buf.getvalue()
+    return None if _MAIN in data else data
+
+
+class _ForkedWithPickler(pickle.Pickler):
+    """The C pickler, with the functions of a snapshot sent as its token and their name."""
+
+    def __init__(
+        self,
+        file: Any,
+        token: int | None,
+        functions: Mapping[str, tuple[types.FunctionType, types.CodeType]],
+    ) -> None:
+        super().__init__(file, PROTOCOL)
+        self.token = token
+        self.functions = functions
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is types.FunctionType:
+            known = self.functions.get(obj.__qualname__)
+            if known is not None and known[0] is obj and known[1] is obj.__code__:
+                return (_FORKED_WITH, self.token, obj.__qualname__)
+        return None
 
 
 def _named_in_main(fn: Any, main: types.ModuleType) -> bool:
@@ -311,15 +376,13 @@ def _named_in_main(fn: Any, main: types.ModuleType) -> bool:
 
 
 def _dumps_with(pickler_type: Any, obj: Any) -> bytes:
-    import io
-
     buf = io.BytesIO()
     pickler_type(buf, protocol=PROTOCOL).dump(obj)
     return buf.getvalue()
 
 
-_MAIN_NAME = "__main__"
-"""First of ``(_MAIN_NAME, qualname, code)``: a script's function the worker has."""
+_FORKED_WITH = "parfn:forked-with"
+"""First of ``(_FORKED_WITH, token, name)``: the persistent id of a function of a snapshot."""
 _MAIN_GLOBALS = "parfn:__main__"
 """The persistent id of a script's ``__main__`` globals, in a function sent by value."""
 
@@ -395,6 +458,14 @@ class _IntoMainUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if pid == _MAIN_GLOBALS:
             return _script_globals(sys.modules["__main__"])
+        if isinstance(pid, tuple) and pid[0] == _FORKED_WITH:
+            try:
+                return _snapshots[pid[1]][pid[2]][0]
+            except KeyError:
+                raise LookupError(
+                    f"the script's function {pid[2]!r} was sent by name to a process that "
+                    "was not forked after it was defined"
+                ) from None
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
@@ -443,17 +514,6 @@ def _named_here(qualname: str, code: bytes) -> types.FunctionType | None:
     return None
 
 
-def _inherited(qualname: str, code: bytes) -> types.FunctionType:
-    """In a worker forked after the script defined ``qualname``: that function."""
-    found = _named_here(qualname, code)
-    if found is None:
-        raise LookupError(
-            f"__main__ has no function {qualname!r} with the code it had when this worker's "
-            "pool started"
-        )
-    return found
-
-
 def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
     """In a worker: the function ``__main__`` names ``qualname``, if it has the same code.
 
@@ -473,8 +533,6 @@ def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
             "(it uses something that cannot be pickled): define it at the top level of the "
             "script, outside the `if __name__ == '__main__':` block"
         )
-    import io
-
     fn = _IntoMainUnpickler(io.BytesIO(fallback)).load()
     if "." not in qualname:
         fn.__globals__.setdefault(qualname, fn)
@@ -539,7 +597,7 @@ class ExceptionEnvelope:
                 None,
             )
             try:
-                self.data = dumps(exc)
+                self.data = dumps(exc, main_by_reference=True)
             finally:
                 exc.__cause__, exc.__context__ = cause, context
         except Exception as err:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from ..._typing import Any
 from ..._wire.errors import PoolClosed, SerializationError
 from ..._wire.protocol import SLOT_JOB, Cancel, encode
-from ..._wire.serialize import dump_function, script_functions
+from ..._wire.serialize import dump_function, forget_snapshot, snapshot_script
 from ..._wire.shm import release_leftovers, sweep_stale
 from ..._wire.threadcaps import default_threads_per_worker, thread_caps
 from .._base import Counts, Job, available_cpus
@@ -83,14 +83,14 @@ class ProcessPool(PoolState):
             start_method = default_start_method()
         check_options(start_method, max_tasks_per_worker, initializer)
         # The script's functions that the workers forked by the zygote (below)
-        # will have: they travel by name alone (_wire.serialize.script_functions).
+        # will have: they travel by name alone (_wire.serialize.snapshot_script).
         by_zygote = start_method == "fork" and zygote_available()
-        inherited = script_functions() if by_zygote else {}
+        forked_with = snapshot_script() if by_zygote else None
         # The initializer travels like any function (lambdas too); its
         # arguments are inherited by forked workers, and are Process
         # arguments otherwise, so that multiprocessing objects (Queue, Lock,
         # Value) can be passed by inheritance, as with multiprocessing.Pool.
-        init = None if initializer is None else dump_function(initializer, inherited=inherited)
+        init = None if initializer is None else dump_function(initializer, forked_with=forked_with)
         initargs = () if initializer is None else tuple(initargs)
         check_initargs(initargs, start_method)
         memory_limit = None
@@ -114,7 +114,7 @@ class ProcessPool(PoolState):
         sweep_stale()  # segments of processes killed before they could clean up
         self.on_demand = start_on_demand
         register_pool(self)
-        self._inherited_main = inherited
+        self._forked_with = forked_with
         if by_zygote:
             # Before the manager thread exists, from this thread, holding no
             # lock: the zygote, then the first workers (see _start, _zygote).
@@ -324,6 +324,7 @@ class ProcessPool(PoolState):
             fail_pending(self)
             self._close()
             close_zygote(self)
+            forget_snapshot(self._forked_with)
 
     def _manage_loop(self) -> None:
         start_counting()  # the kernel's OOM kills before now are not this pool's (_oom)

@@ -100,7 +100,7 @@ def pickled_function(pool: PoolState, fn: Callable[..., Any]) -> PickledFunction
     hit = pool._fn_cache.get(id(fn))
     if hit is not None and hit[0]() is fn:
         return hit[1]
-    data = dump_function(fn, inherited=pool._inherited_main)
+    data = dump_function(fn, forked_with=pool._forked_with)
     with pool._fn_lock:
         by_data = pool._fn_by_data
         function = by_data.get(data)

@@ -187,9 +187,9 @@ class PoolState:
         self._init = init  # the pickled initializer
         self._initargs = initargs  # Process arguments (multiprocessing pickles them)
         self._zygote: Any = None  # the zygote that forks the workers (fork), see _start
-        # The script's functions the workers have by fork (name -> (function,
-        # code)): they travel by name alone (_wire.serialize.script_functions).
-        self._inherited_main: dict[str, Any] = {}
+        # The token of the snapshot of the script's functions that the workers
+        # have by fork: they travel by name alone (_wire.serialize.snapshot_script).
+        self._forked_with: int | None = None
         self._broken: str | None = None  # why no worker can be started any more
 
         self._lock = threading.Lock()

@@ -229,7 +229,11 @@ class _Worker:
             error = self.broken_functions.get(run.fn_id, exc)
             errors = {i: ExceptionEnvelope(error) for i in range(run.lo, run.hi)}
             return Done(
-                run.run_id, run.lo, run.hi, dumps(([None] * (run.hi - run.lo), errors)), 0.0
+                run.run_id,
+                run.lo,
+                run.hi,
+                dumps(([None] * (run.hi - run.lo), errors), main_by_reference=True),
+                0.0,
             )
 
         values, raised, elapsed, retried = run_items(
@@ -272,16 +276,17 @@ def _pack(
                 break
         else:
             return values
+    # The caller's __main__ is the script: its classes' objects go by reference.
     try:
-        return dumps((values, errors), shm="one", inputs=inputs)
+        return dumps((values, errors), shm="one", inputs=inputs, main_by_reference=True)
     except SerializationError:
         pass
     for k, value in enumerate(values):
         try:
-            dumps(value)
+            dumps(value, main_by_reference=True)
         except SerializationError as exc:
             values[k] = None
             errors[lo + k] = ExceptionEnvelope(
                 SerializationError(str(exc).replace("the value", "the result", 1))
             )
-    return dumps((values, errors), shm="one", inputs=inputs)
+    return dumps((values, errors), shm="one", inputs=inputs, main_by_reference=True)
