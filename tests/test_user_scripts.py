@@ -276,3 +276,39 @@ def test_the_scripts_own_classes_come_back_as_themselves(tmp_path: Path, start_m
     script's own classes in the caller: ``except MyError`` catches."""
     out = _scripts.run_script(tmp_path, OWN_CLASSES, start_method).stdout
     assert out.splitlines() == ["caught bad 1", "True True", "[True]", "caught late 4"]
+
+
+CHUNKED_WITH_INITIALIZER = """
+import multiprocessing
+import sys
+
+import parfn
+
+METHOD = None if sys.argv[1] == "default" else sys.argv[1]
+
+
+def init(base):
+    global BASE
+    BASE = base
+
+
+def with_base(x):
+    return BASE + x
+
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context(METHOD)
+    with parfn.ProcessPoolExecutor(1, mp_context=context, initializer=init, initargs=(100,)) as ex:
+        print(list(ex.map(with_base, range(6), chunksize=3)))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", _scripts.SCRIPT_METHODS)
+def test_the_executors_chunked_map_sees_the_initializers_globals(
+    tmp_path: Path, start_method: str
+) -> None:
+    """As with the standard library's: a script's function runs with the
+    worker's globals, chunked or not."""
+    out = _scripts.run_script(tmp_path, CHUNKED_WITH_INITIALIZER, start_method).stdout
+    assert out.splitlines() == ["[100, 101, 102, 103, 104, 105]"]

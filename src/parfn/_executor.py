@@ -18,6 +18,7 @@ after its tasks finish, as the standard library's is.
 from __future__ import annotations
 
 import atexit
+import functools
 import sys
 import threading
 import time
@@ -227,7 +228,10 @@ class ProcessPoolExecutor(Executor):
         if chunksize == 1 or getattr(fn, "_parfn_options", None) is not None:
             fs: list[Future[Any]] = [self.submit(fn, *a) for a in args]
             return _results(fs, end_time, chunked=False)
-        fs = [self.submit(_run_chunk, fn, chunk) for chunk in _batched(args, chunksize)]
+        # fn inside the function, not among the arguments: it travels as
+        # functions do (a script's by name: it runs with the worker's globals).
+        run_chunk = functools.partial(_run_chunk, fn)
+        fs = [self.submit(run_chunk, chunk) for chunk in _batched(args, chunksize)]
         return _results(fs, end_time, chunked=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
