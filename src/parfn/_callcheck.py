@@ -31,46 +31,40 @@ _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08  # inspect.CO_VARARGS, inspect.CO_VARK
 _checkers: weakref.WeakKeyDictionary[Any, tuple[Callable[..., Any] | None, set[Any]]] = (
     weakref.WeakKeyDictionary()
 )
+"""Per function (a method's, a callable class's ``__call__``): its checker and
+the call shapes that fitted. Keyed by the function, not the callable: a new
+bound method or callable object each call (joblib's batches) finds it made."""
 
 
 def check_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Raise the TypeError that ``fn(*args, **kwargs)`` would, before sending it."""
-    call_method = getattr(type(fn), "__call__", None)  # noqa: B004 (the method, not callability)
-    if not hasattr(getattr(fn, "__func__", fn), "__code__") and not hasattr(
-        call_method, "__code__"
-    ):
+    kind = type(fn)
+    if kind is types.FunctionType:
+        key, bound = fn, False
+    elif isinstance(fn, types.MethodType) and type(fn.__func__) is types.FunctionType:
+        key, bound = fn.__func__, True
+    elif type(call := getattr(kind, "__call__", None)) is types.FunctionType:  # noqa: B004
+        key, bound = call, True  # an object whose class defines __call__ in Python
+    elif hasattr(getattr(fn, "__func__", fn), "__code__") or hasattr(call, "__code__"):
+        key, bound = fn, False  # another callable written in Python: inspect.signature
+    else:
         return  # written in C (a builtin, a partial): its worker raises the same TypeError
     shape = (len(args), tuple(kwargs)) if kwargs else len(args)
     try:
-        checker, shapes = _checkers[fn]
+        checker, shapes = _checkers[key]
     except (KeyError, TypeError):
-        checker, shapes = _checker(fn), set()
+        # A stub of the function (None if it cannot be made), or else inspect.
+        checker = _stub(key) if type(key) is types.FunctionType else _by_signature(fn)
+        shapes = set()
         with contextlib.suppress(TypeError):  # not weak-referenceable: made each time
-            _checkers[fn] = (checker, shapes)
+            _checkers[key] = (checker, shapes)
     if checker is None or shape in shapes:
         return
-    checker(*args, **kwargs)
-    shapes.add(shape)
-
-
-def _checker(fn: Callable[..., Any]) -> Callable[..., Any] | None:
-    """A function that raises the TypeError a call of ``fn`` with its arguments
-    would, and otherwise does nothing; None if there is none to be had."""
-    if type(fn) is types.FunctionType:
-        stub = _stub(fn)
-        if stub is not None:
-            return stub
-    elif type(fn) is types.MethodType and type(fn.__func__) is types.FunctionType:
-        stub = _stub(fn.__func__)
-        if stub is not None:
-            return types.MethodType(stub, fn.__self__)
+    if bound:
+        checker(None, *args, **kwargs)  # the stub's first parameter takes self's place
     else:
-        call = getattr(type(fn), "__call__", None)  # noqa: B004 (the method, not callability)
-        if type(call) is types.FunctionType:  # an object whose class defines __call__
-            stub = _stub(call)
-            if stub is not None:
-                return types.MethodType(stub, fn)
-    return _by_signature(fn)
+        checker(*args, **kwargs)
+    shapes.add(shape)
 
 
 def _stub(fn: types.FunctionType) -> Callable[..., None] | None:

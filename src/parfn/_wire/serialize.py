@@ -260,7 +260,7 @@ def dump_function(
 
 def load_function(data: bytes) -> Callable[..., Any]:
     """Inverse of :func:`dump_function`, run in the worker."""
-    obj = _IntoMainUnpickler(io.BytesIO(data)).load()
+    obj = pickle.loads(data)
     if isinstance(obj, tuple):
         obj = resolve(*obj)
         # A decorated module-level function: run the plain function it wraps.
@@ -353,12 +353,25 @@ class _ForkedWithPickler(pickle.Pickler):
         self.token = token
         self.functions = functions
 
-    def persistent_id(self, obj: Any) -> Any:
+    def reducer_override(self, obj: Any) -> Any:
+        # (Called for functions and other objects, not for ints, strings,
+        # tuples, lists and dicts: a batch of many calls costs little more.)
         if type(obj) is types.FunctionType:
             known = self.functions.get(obj.__qualname__)
             if known is not None and known[0] is obj and known[1] is obj.__code__:
-                return (_FORKED_WITH, self.token, obj.__qualname__)
-        return None
+                return (_snapshot_function, (self.token, obj.__qualname__))
+        return NotImplemented
+
+
+def _snapshot_function(token: int, name: str) -> types.FunctionType:
+    """In a process forked after snapshot ``token`` was taken: its function ``name``."""
+    try:
+        return _snapshots[token][name][0]
+    except KeyError:
+        raise LookupError(
+            f"the script's function {name!r} was sent by name to a process that "
+            "was not forked after it was defined"
+        ) from None
 
 
 def _named_in_main(fn: Any, main: types.ModuleType) -> bool:
@@ -381,8 +394,6 @@ def _dumps_with(pickler_type: Any, obj: Any) -> bytes:
     return buf.getvalue()
 
 
-_FORKED_WITH = "parfn:forked-with"
-"""First of ``(_FORKED_WITH, token, name)``: the persistent id of a function of a snapshot."""
 _MAIN_GLOBALS = "parfn:__main__"
 """The persistent id of a script's ``__main__`` globals, in a function sent by value."""
 
@@ -458,14 +469,6 @@ class _IntoMainUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if pid == _MAIN_GLOBALS:
             return _script_globals(sys.modules["__main__"])
-        if isinstance(pid, tuple) and pid[0] == _FORKED_WITH:
-            try:
-                return _snapshots[pid[1]][pid[2]][0]
-            except KeyError:
-                raise LookupError(
-                    f"the script's function {pid[2]!r} was sent by name to a process that "
-                    "was not forked after it was defined"
-                ) from None
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
