@@ -41,9 +41,9 @@ __all__ = (
     "ExceptionEnvelope",
     "dump_function",
     "dumps",
+    "forget_snapshot",
     "load_function",
     "loads",
-    "forget_snapshot",
     "snapshot_script",
     "wrap_exception",
 )
@@ -502,21 +502,6 @@ def _setstate_into_main(fn: Any, state: tuple[dict[str, Any], dict[str, Any]]) -
         target["__builtins__"] = builtins
 
 
-def _named_here(qualname: str, code: bytes) -> types.FunctionType | None:
-    """The function this process's ``__main__`` names ``qualname``, if its code is ``code``."""
-    found: Any = sys.modules["__main__"]
-    try:
-        for part in qualname.split("."):
-            found = getattr(found, part)
-        if getattr(found, "_parfn_parallel", False):
-            found = found.__wrapped__
-        if type(found) is types.FunctionType and found.__code__ == marshal.loads(code):
-            return found
-    except Exception:
-        pass
-    return None
-
-
 def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
     """In a worker: the function ``__main__`` names ``qualname``, if it has the same code.
 
@@ -527,9 +512,17 @@ def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
     guard, or changed since) it is loaded by value, with the worker's
     ``__main__`` as its globals, and given that name there if it is free.
     """
-    found = _named_here(qualname, code)
-    if found is not None:
-        return found
+    main = sys.modules["__main__"]
+    found: Any = main
+    try:
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        if getattr(found, "_parfn_parallel", False):
+            found = found.__wrapped__
+        if type(found) is types.FunctionType and found.__code__ == marshal.loads(code):
+            return found
+    except Exception:
+        pass
     if fallback is None:
         raise LookupError(
             f"__main__ has no function {qualname!r} here, and it could not be sent by value "
@@ -539,7 +532,7 @@ def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
     fn = _IntoMainUnpickler(io.BytesIO(fallback)).load()
     if "." not in qualname:
         fn.__globals__.setdefault(qualname, fn)
-        sys.modules["__main__"].__dict__.setdefault(qualname, fn)
+        main.__dict__.setdefault(qualname, fn)
     return fn
 
 

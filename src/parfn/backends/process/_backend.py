@@ -82,6 +82,14 @@ class ProcessPool(PoolState):
         if start_method is None:
             start_method = default_start_method()
         check_options(start_method, max_tasks_per_worker, initializer)
+        initargs = () if initializer is None else tuple(initargs)
+        check_initargs(initargs, start_method)
+        memory_limit = None
+        if max_memory_per_worker is not None:  # (_memory loads only for a limit)
+            from ._memory import parse_memory_limit
+
+            memory_limit = parse_memory_limit(max_memory_per_worker)
+        _check_threads(threads_per_worker)
         # The script's functions that the workers forked by the zygote (below)
         # will have: they travel by name alone (_wire.serialize.snapshot_script).
         by_zygote = start_method == "fork" and zygote_available()
@@ -91,14 +99,6 @@ class ProcessPool(PoolState):
         # arguments otherwise, so that multiprocessing objects (Queue, Lock,
         # Value) can be passed by inheritance, as with multiprocessing.Pool.
         init = None if initializer is None else dump_function(initializer, forked_with=forked_with)
-        initargs = () if initializer is None else tuple(initargs)
-        check_initargs(initargs, start_method)
-        memory_limit = None
-        if max_memory_per_worker is not None:  # (_memory loads only for a limit)
-            from ._memory import parse_memory_limit
-
-            memory_limit = parse_memory_limit(max_memory_per_worker)
-        _check_threads(threads_per_worker)
         if start_method == "forkserver":
             preload_forkserver()
         super().__init__(
