@@ -26,19 +26,27 @@ import sys
 CASE_TIMEOUT = 45
 
 
+def say(*words):
+    # One line in one write: the lines of the user's fork child and of its
+    # parent cannot interleave (with PYTHONUNBUFFERED set, print writes each
+    # word apart).
+    sys.stdout.flush()
+    os.write(1, (" ".join(str(w) for w in words) + "\\n").encode())
+
+
 def start(name):
-    print("start", name, flush=True)
+    say("start", name)
     faulthandler.dump_traceback_later(CASE_TIMEOUT, exit=True)
 
 
 def check(name, got, want):
     faulthandler.cancel_dump_traceback_later()
-    print("case", name, "ok" if got == want else f"WRONG {{got!r}} != {{want!r}}", flush=True)
+    say("case", name, "ok" if got == want else f"WRONG {{got!r}} != {{want!r}}")
 
 
 def failed(name, exc):
     faulthandler.cancel_dump_traceback_later()
-    print("case", name, f"ERROR {{type(exc).__name__}}: {{exc}}".replace("\\n", " "), flush=True)
+    say("case", name, f"ERROR {{type(exc).__name__}}: {{exc}}".replace("\\n", " "))
 """
 
 MATRIX = (
