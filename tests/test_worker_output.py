@@ -93,6 +93,52 @@ def test_a_script_shows_its_workers_logs_and_prints(tmp_path: Path, method: str)
     assert sorted(out.stderr.splitlines()) == [f"to stderr {x}" for x in range(3)]
 
 
+LATE_LOGGING_SCRIPT = """
+import sys
+import parfn
+
+@parfn.parallel
+def work(x):
+    import logging  # the worker's first import of it
+
+    logging.getLogger("app").info("info %d", x)
+    return x * 10
+
+def note(x):
+    print(f"print {x}")
+    return x
+
+if __name__ == "__main__":
+    method = sys.argv[1]
+    pool = parfn.Pool(1, start_method=None if method == "default" else method)
+    with pool:
+        print("loaded", "logging" in sys.modules)
+        pool.apply(note, 1)  # the worker runs a task before any logging
+        import logging  # the parent configures logging once the pool runs
+
+        logging.basicConfig(
+            format="%(levelname)s %(name)s %(parfn_function)s: %(message)s",
+            level=logging.INFO,
+            stream=sys.stdout,
+        )
+        print("results", work.map(range(2)), pool.apply(work, 2))
+"""
+
+
+@pytest.mark.parametrize("method", _scripts.SCRIPT_METHODS)
+def test_a_worker_forwards_logging_from_its_first_import(tmp_path: Path, method: str) -> None:
+    # Neither process had loaded logging when the worker started: its records
+    # still reach the parent's handlers, at the parent's levels, from the first.
+    lines = run_script(tmp_path, LATE_LOGGING_SCRIPT, method).stdout.splitlines()
+    assert lines[:2] == ["loaded False", "print 1"], lines
+    assert lines[2:] == [
+        "INFO app work: info 0",
+        "INFO app work: info 1",
+        "INFO app work: info 2",
+        "results [0, 10] 20",
+    ], lines
+
+
 CRASH_SCRIPT = """
 import ctypes, logging, sys
 import parfn
@@ -388,7 +434,7 @@ def test_output_of_the_default_pool_in_a_child_python(tmp_path: Path) -> None:
 def test_a_dask_task_sends_back_its_threads_records_within_a_bound() -> None:
     """What ``run_remote`` does in a Dask worker: the records of the task's own
     thread, at most ``MAX_COLLECTED``, then one that counts the others."""
-    from parfn._wire import capture
+    from parfn._wire import logs as capture
 
     logger = logging.getLogger("tests.observe.collected")
     other = threading.Thread(target=logger.warning, args=("from another thread",))

@@ -21,11 +21,10 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import CancelledError
 
 from ._stats import Tally
 from ._typing import Any, TypeVar, cast
-from ._wire.errors import PoolClosed, SerializationError, _Crashed
+from ._wire.errors import PoolClosed, SerializationError, _Crashed, is_cancelled
 from .backends._base import Backend, Item, Job, Options
 
 __all__ = ("MapIterator", "MapRun")
@@ -271,7 +270,7 @@ def _locate(errors: dict[int, BaseException], first: int) -> None:
 
 
 def _is_item_error(exc: BaseException) -> bool:
-    return isinstance(exc, (SerializationError, CancelledError))
+    return isinstance(exc, SerializationError) or is_cancelled(exc)
 
 
 class MapIterator(itertools.chain[R]):

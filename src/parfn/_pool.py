@@ -7,23 +7,24 @@ it the current pool of this context (``_scope``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError, InvalidStateError
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from types import TracebackType
 
 from . import _scope
 from ._callcheck import check_call
 from ._mapping import MapIterator, MapRun
 from ._stats import CANCELLED, DONE, FAILED, PoolStats, Tally
-from ._task import Task
-from ._typing import Any, Literal, ParamSpec, TypeVar, overload
-from ._wire.errors import PoolClosed
+from ._typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+from ._wire.errors import PoolClosed, is_cancelled
 from .backends import BACKENDS, load
 from .backends._base import Backend, Item, Job, Options
+
+if TYPE_CHECKING:
+    from ._task import Task
 
 __all__ = ("MapIterator", "Pool")
 
@@ -33,78 +34,88 @@ R = TypeVar("R")
 _START_METHODS = ("fork", "forkserver", "spawn")
 
 
-class _TaskSink:
-    """Connects a one-item Job to its Task (and the Task's ``cancel`` to the
-    backend), and counts its outcome for ``pool.stats()``."""
+class _CallSink:
+    """Where a blocking ``apply``'s outcome waits for its caller: what a Task
+    does for ``spawn``, without being a ``concurrent.futures.Future``, whose
+    module loads ``logging`` (~3 ms, a tenth of a short program's start).
+    The caller waits in ``outcome()``; the backend calls ``start`` and
+    ``deliver``, from any thread (the caller's own, when it talks to an idle
+    worker directly)."""
 
-    __slots__ = ("backend", "error_hook", "job", "tally", "task", "token")
+    __slots__ = (
+        "backend", "error", "error_hook", "job", "ready", "stopped", "tally", "token", "value",
+    )  # fmt: skip
 
-    def __init__(
-        self,
-        task: Task[Any],
-        backend: Backend,
-        tally: Tally,
-        error_hook: ErrorHook | None = None,
-    ) -> None:
-        self.task = task
+    def __init__(self, backend: Backend, tally: Tally, error_hook: ErrorHook | None) -> None:
         self.backend = backend
         self.tally = tally
         self.error_hook = error_hook
         self.job: Job | None = None
-        # Taken by whoever counts the outcome (see Tally.task): a bytearray,
-        # which the garbage collector does not track (a list would be one
-        # more object per task in flight for its collections to follow).
-        self.token = bytearray(1)
-
-    def stop(self) -> bool:
-        """Stop the running job (``Task.cancel``); True if it was stopped."""
-        job = self.job
-        return job is not None and self.backend.cancel(job)
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.ready = threading.Lock()  # held until the outcome is here
+        self.ready.acquire()
+        self.token = bytearray(1)  # see TaskSink
 
     def start(self) -> bool:
-        # Read without the lock: only the pool makes a task RUNNING (here),
-        # and set_running_or_notify_cancel takes the lock for the rest.
-        state = self.task._state
-        if state == RUNNING:
-            return True  # a retry after a crash: the task started before
-        if state != CANCELLED_AND_NOTIFIED and self.task.set_running_or_notify_cancel():
-            return True
-        self.cancelled()  # (cancelled without Task.cancel: the executor's shutdown)
-        return False
+        return not self.stopped
 
     def deliver(
         self, lo: int, values: Any, errors: dict[int, BaseException], elapsed: float
     ) -> None:
-        task = self.task
-        # Done: let the job and its arguments go, and leave no cycle behind
-        # (the job and the task refer to this sink).
-        task._stopper = task._counter = None
         job, self.job = self.job, None
+        if job is None:
+            return  # delivered already (a stopped call's CancelledError)
         error = errors.get(lo)
-        # Counted before the task is done: whoever waits for it sees it counted.
-        fn = job.fn if job is not None else None
-        outcome = (
-            DONE if error is None else CANCELLED if isinstance(error, CancelledError) else FAILED
-        )
-        self.tally.task(self, getattr(fn, "__qualname__", None) or repr(fn), outcome, elapsed)
-        try:
-            if error is None:
-                task.set_result(values[0])
-            elif isinstance(error, CancelledError):
-                task._cancel_from_pool()
-            else:
-                if self.error_hook is not None:
-                    self.error_hook(error)
-                task.set_exception(error)
-        except InvalidStateError:
-            pass  # cancelled meanwhile: the outcome has nowhere to go
+        outcome = DONE if error is None else CANCELLED if is_cancelled(error) else FAILED
+        name = getattr(job.fn, "__qualname__", None) or repr(job.fn)
+        self.tally.task(self, name, outcome, elapsed)
+        if error is None:
+            self.value = values[0]
+        else:
+            if self.error_hook is not None and outcome == FAILED:
+                self.error_hook(error)
+            self.error = error
+        self.ready.release()
 
-    def cancelled(self) -> None:
-        """The task was cancelled before an outcome was handed over."""
-        task = self.task
-        task._stopper = task._counter = None  # no cycle left behind
-        self.job = None
-        self.tally.task(self, "", CANCELLED, 0.0)
+    def outcome(self) -> Any:
+        """Wait for the result, and return it or raise the call's exception.
+
+        Ctrl-C while waiting stops the call (a queued one never starts, a
+        running one is ended if its backend can), then raises KeyboardInterrupt.
+        """
+        try:
+            self.ready.acquire()
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        if self.error is not None:
+            error, self.error = self.error, None  # no cycle through its traceback
+            raise error
+        return self.value
+
+    def cancel(self) -> None:
+        """The caller stopped waiting (Ctrl-C): drop or stop the call."""
+        self.stopped = True
+        job = self.job
+        if job is not None and self.backend.cancel(job):
+            self.tally.task(self, "", CANCELLED, 0.0)
+
+
+def _tasks() -> Any:
+    """``parfn._task``, imported by the first ``spawn``: a Task is a
+    ``concurrent.futures.Future``, and that module loads ``logging`` (~3 ms
+    that a program of ``apply`` and ``map`` calls does not pay)."""
+    global _task_module
+    if _task_module is None:
+        from . import _task
+
+        _task_module = _task
+    return _task_module
+
+
+_task_module: Any = None
 
 
 ErrorHook = Callable[[BaseException], None]
@@ -302,31 +313,32 @@ class Pool:
 
     def spawn(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
         """Submit ``fn(*args, **kwargs)`` and return its :class:`Task` at once."""
-        return self._submit(fn, args, kwargs, wait=False)
+        tasks = _tasks()
+        task: Task[R] = tasks.Task()
+        self._submit(fn, args, kwargs, functools.partial(tasks.TaskSink, task), wait=False)
+        return task
 
     def apply(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` on a worker and wait for its result."""
-        task = self._submit(fn, args, kwargs, wait=True)
-        try:
-            return task.result()
-        except KeyboardInterrupt:
-            task.cancel()
-            raise
+        sink = self._submit(fn, args, kwargs, _CallSink, wait=True)
+        return sink.outcome()  # type: ignore[no-any-return]
 
     def _submit(
-        self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], wait: bool
-    ) -> Task[R]:
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        make_sink: Callable[[Backend, Tally, ErrorHook | None], Any],
+        wait: bool,
+    ) -> Any:
+        """Hand the call to the backend, with the sink ``make_sink`` makes for its outcome."""
         if self._closed and (replacement := self._replacement()) is not None:
-            return replacement._submit(fn, args, kwargs, wait)
+            return replacement._submit(fn, args, kwargs, make_sink, wait)
         backend = self._check_open()
         plain, options = _unwrap(fn)
         check_call(plain, args, kwargs)
-        task: Task[R] = Task()
-        sink = _TaskSink(task, backend, self._tally, self._error_hook)
+        sink = make_sink(backend, self._tally, self._error_hook)
         sink.job = job = Job(plain, (args,), options, sink, kwargs=kwargs)
-        if backend.can_stop_running:
-            task._stopper = sink
-        task._counter = sink
         self._tally.submit(1)
         # A backend may answer a blocking call on this thread (the process
         # pool talks to an idle worker directly).
@@ -340,14 +352,14 @@ class Pool:
             # Shut down since the check above; nothing was queued.
             if (replacement := self._replacement()) is None:
                 raise
-            return replacement._submit(fn, args, kwargs, wait)
+            return replacement._submit(fn, args, kwargs, make_sink, wait)
         except KeyboardInterrupt:
-            task.cancel()
+            sink.cancel()
             raise
         except BaseException:
             self._tally.withdraw(sink)
             raise
-        return task
+        return sink
 
     # -- maps ----------------------------------------------------------------------------
 

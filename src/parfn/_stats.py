@@ -18,9 +18,9 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import CancelledError
 
 from ._typing import TYPE_CHECKING, Any, NamedTuple
+from ._wire.errors import is_cancelled
 
 if TYPE_CHECKING:
     from .backends._base import Counts
@@ -216,7 +216,7 @@ class Tally:
             cancelled = 0
             if errors:
                 for error in errors.values():
-                    if isinstance(error, CancelledError):
+                    if is_cancelled(error):
                         cancelled += 1
                 self.cancelled += cancelled
                 self.failed += len(errors) - cancelled

@@ -1,6 +1,8 @@
-"""Task[R]: the handle of one submitted call, a ``concurrent.futures.Future``.
+"""Task[R]: the handle of one submitted call, a ``concurrent.futures.Future``;
+and TaskSink, which hands it its outcome.
 
-It adds the ``multiprocessing.pool.AsyncResult`` spellings (``get``, ``wait``,
+Imported by the first ``spawn``, not before: ``concurrent.futures`` loads
+``logging``. Task adds the ``multiprocessing.pool.AsyncResult`` spellings (``get``, ``wait``,
 ``ready``, ``successful``), ``await``, and a ``cancel()`` that also stops a
 task that is already running, when its backend can.
 """
@@ -12,7 +14,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Generator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import (
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -21,11 +23,16 @@ from concurrent.futures._base import (
     RUNNING,
 )
 
-from ._typing import Any, Protocol, TypeVar
+from . import _stats
+from ._typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from ._stats import Tally
+    from .backends._base import Backend, Job
 
 R = TypeVar("R")
 
-__all__ = ("Task",)
+__all__ = ("Task", "TaskSink")
 
 if sys.version_info < (3, 11):
 
@@ -238,3 +245,88 @@ class Task(Future[R]):
         except asyncio.CancelledError:
             self.cancel()
             raise
+
+
+class TaskSink:
+    """Connects a one-item Job to its Task (and the Task's ``cancel`` to the
+    backend), and counts its outcome for ``pool.stats()``."""
+
+    __slots__ = ("backend", "error_hook", "job", "tally", "task", "token")
+
+    def __init__(
+        self,
+        task: Task[Any],
+        backend: Backend,
+        tally: Tally,
+        error_hook: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.task = task
+        self.backend = backend
+        self.tally = tally
+        self.error_hook = error_hook
+        self.job: Job | None = None
+        # Taken by whoever counts the outcome (see Tally.task): a bytearray,
+        # which the garbage collector does not track (a list would be one
+        # more object per task in flight for its collections to follow).
+        self.token = bytearray(1)
+        if backend.can_stop_running:
+            task._stopper = self
+        task._counter = self
+
+    def cancel(self) -> None:
+        """The caller was interrupted while it submitted (Ctrl-C)."""
+        self.task.cancel()
+
+    def stop(self) -> bool:
+        """Stop the running job (``Task.cancel``); True if it was stopped."""
+        job = self.job
+        return job is not None and self.backend.cancel(job)
+
+    def start(self) -> bool:
+        # Read without the lock: only the pool makes a task RUNNING (here),
+        # and set_running_or_notify_cancel takes the lock for the rest.
+        state = self.task._state
+        if state == RUNNING:
+            return True  # a retry after a crash: the task started before
+        if state != CANCELLED_AND_NOTIFIED and self.task.set_running_or_notify_cancel():
+            return True
+        self.cancelled()  # (cancelled without Task.cancel: the executor's shutdown)
+        return False
+
+    def deliver(
+        self, lo: int, values: Any, errors: dict[int, BaseException], elapsed: float
+    ) -> None:
+        task = self.task
+        # Done: let the job and its arguments go, and leave no cycle behind
+        # (the job and the task refer to this sink).
+        task._stopper = task._counter = None
+        job, self.job = self.job, None
+        error = errors.get(lo)
+        # Counted before the task is done: whoever waits for it sees it counted.
+        fn = job.fn if job is not None else None
+        outcome = (
+            _stats.DONE
+            if error is None
+            else _stats.CANCELLED
+            if isinstance(error, CancelledError)
+            else _stats.FAILED
+        )
+        self.tally.task(self, getattr(fn, "__qualname__", None) or repr(fn), outcome, elapsed)
+        try:
+            if error is None:
+                task.set_result(values[0])
+            elif isinstance(error, CancelledError):
+                task._cancel_from_pool()
+            else:
+                if self.error_hook is not None:
+                    self.error_hook(error)
+                task.set_exception(error)
+        except InvalidStateError:
+            pass  # cancelled meanwhile: the outcome has nowhere to go
+
+    def cancelled(self) -> None:
+        """The task was cancelled before an outcome was handed over."""
+        task = self.task
+        task._stopper = task._counter = None  # no cycle left behind
+        self.job = None
+        self.tally.task(self, "", _stats.CANCELLED, 0.0)

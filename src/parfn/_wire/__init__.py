@@ -10,5 +10,6 @@ worker loop.
   (pickle protocol 5, cloudpickle for what has no importable name);
 * ``shm``: big buffers through shared memory instead of the pipe;
 * ``execute``: running a run of items, the one loop every backend shares;
-* ``capture``: a worker's log records and prints, sent to the parent as they happen.
+* ``capture``: a worker's prints and log records, sent to the parent as they happen;
+* ``logs``: its log records made into messages (loaded when ``logging`` is).
 """

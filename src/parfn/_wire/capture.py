@@ -2,14 +2,12 @@
 
 ``install(send)`` runs once in each worker process, before its initializer:
 
-* a handler on the root logger sends each record as a ``Log`` message (its
-  message formatted, a traceback as text, plus ``parfn_pid`` and
-  ``parfn_function``); the parent hands it to its logger of the same name.
-  Handlers inherited from a forked parent are taken off, so that the parent's
-  configuration alone decides what is shown. Which records are made at all
-  follows the parent's levels (``set_levels``, from ``LogLevels``): until the
-  first of those arrives, every record is sent (the parent drops what it does
-  not want), so an initializer's records reach the parent too;
+* its logging records go to the parent as ``Log`` messages (``logs``), and
+  the parent hands each to its logger of the same name. If ``logging`` is
+  not loaded yet (a program that never imports it does not pay ~2 ms per
+  worker for it), that starts when a task, or the initializer, imports it:
+  a meta path finder sees the import (``_WhenLoggingLoads``). The parent's
+  levels (``set_levels``) wait for it too;
 * ``sys.stdout`` and ``sys.stderr`` become text streams whose writes go out
   as ``Output`` messages: complete lines as soon as they are written, a
   partial line when the stream is flushed (``print(..., flush=True)``, and at
@@ -27,34 +25,21 @@ here: it goes where the worker's descriptors point (inherited from the parent).
 
 A process forked by a task (``os.fork``) stops forwarding: its streams and
 logging are the worker's originals again, and it never writes to the pipe.
-
-Where a worker runs other people's tasks too (a Dask worker), ``collected``
-gathers instead the records one task's thread logs while it runs, to travel
-back with its result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
-import pickle
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from .._typing import Any
-from .protocol import Log, LogLevels, Output, encode
+from .protocol import LogLevels, Output, encode
 
-__all__ = (
-    "collected",
-    "end_of_batch",
-    "install",
-    "portable",
-    "running",
-    "set_levels",
-)
+__all__ = ("end_of_batch", "install", "running", "set_levels")
 
 MAX_PARTIAL = 1 << 16
 """A partial line longer than this (no newline yet) is sent as it is."""
@@ -63,12 +48,9 @@ _send: Callable[[bytes], None] | None = None
 _pid = 0
 _function: Any = None
 _originals: list[Any] = []
-"""What ``install`` replaced: kept alive, since a handler or stream inherited by
-fork may hold a buffer of the parent's unwritten data, which collecting it
-would write a second time."""
+"""Kept alive: faulthandler's file (faulthandler keeps only its descriptor)."""
 _streams: tuple[Any, Any, Any, Any] | None = None
 """(original stdout, original stderr, ours, ours): put back in a forked child."""
-_levels_set: set[str] = set()
 
 
 def install(send: Callable[[bytes], None], fault_file: str | None = None) -> None:
@@ -81,7 +63,10 @@ def install(send: Callable[[bytes], None], fault_file: str | None = None) -> Non
     global _send, _pid, _streams
     _send = send
     _pid = os.getpid()
-    _take_over_logging()
+    if "logging" in sys.modules:
+        _take_over_logging()
+    else:  # when a task imports it (a program that never does, never pays for it)
+        sys.meta_path.insert(0, _hook)
     out, err = _stream(1, sys.stdout), _stream(2, sys.stderr)
     _streams = (sys.stdout, sys.stderr, out, err)
     sys.stdout, sys.stderr = out, err
@@ -112,152 +97,85 @@ def end_of_batch() -> None:
 
 
 def set_levels(message: LogLevels) -> None:
-    """Give this process's loggers the levels the parent's have (see ``LogLevels``)."""
-    levels = message.levels
-    for name in _levels_set - levels.keys():
-        logging.getLogger(name).setLevel(logging.NOTSET)
-    for name, level in levels.items():
-        (logging.getLogger(name) if name else logging.root).setLevel(level)
-    _levels_set.clear()
-    _levels_set.update(name for name in levels if name)
-    logging.disable(message.disable)
+    """Give this process's loggers the levels the parent's have (see ``LogLevels``);
+    if ``logging`` is not loaded here, once it is."""
+    global _pending_levels
+    if _logs is None:
+        _pending_levels = message
+    else:
+        _logs.set_levels(message)
 
 
 # -- logging ------------------------------------------------------------------------------
 
 
-class _Forward(logging.Handler):
-    """Sends every record it handles to the parent."""
+def _take_over_logging() -> None:
+    from . import logs
 
-    def emit(self, record: logging.LogRecord) -> None:
-        send = _send
-        if send is None or os.getpid() != _pid:
-            return
-        try:
-            frame = _encode(record)
-        except Exception:
-            self.handleError(record)
-            return
+    global _logs
+    if _logs is not None:
+        return
+    logs.take_over(_post_record, _pid, lambda: _function)
+    _logs = logs
+    if _pending_levels is not None:
+        logs.set_levels(_pending_levels)
+
+
+_logs: Any = None
+"""``parfn._wire.logs`` once it forwards this process's logging."""
+_pending_levels: LogLevels | None = None
+"""The parent's levels, while ``logging`` is not loaded here."""
+
+
+def _post_record(frame: bytes) -> None:
+    send = _send
+    if send is not None and os.getpid() == _pid:
         _post(send, frame)
 
 
-def _take_over_logging() -> None:
-    """The root logger forwards; what a forked worker inherited is taken off."""
-    loggers: list[logging.Logger] = [logging.root]
-    loggers += [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    for logger in loggers:
-        if logger.handlers:
-            _originals.extend(logger.handlers)
-            logger.handlers = []
-        # Records must reach the root's handler; the parent's logger of the
-        # same name decides whether they propagate there.
-        logger.propagate = True
-    logging.root.addHandler(_Forward())
-    logging.root.setLevel(logging.NOTSET)  # until the parent's levels arrive
+class _WhenLoggingLoads:
+    """A meta path finder that finds nothing itself: when ``logging`` is
+    first imported, it has the finders after it find it, and the module, once
+    it has run, forwards its records (``_take_over_logging``)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "logging":
+            return None
+        _unhook()
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if find is None else find(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenTakeOver(spec.loader)
+        return spec
 
 
-_formatter = logging.Formatter()
+class _ThenTakeOver:
+    """``logging``'s loader, and then ``_take_over_logging``."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader  # as if never wrapped
+        self.loader.exec_module(module)
+        if os.getpid() == _pid:
+            _take_over_logging()
 
 
-def portable(record: logging.LogRecord, pid: int, fn: Any) -> dict[str, Any]:
-    """``record``'s attributes, ready to travel: its message formatted (its
-    arguments need not pickle), a traceback as text, ``parfn_pid`` and
-    ``parfn_function`` added."""
-    fields = record.__dict__.copy()
-    fields["msg"] = record.getMessage()
-    fields["args"] = None
-    fields.pop("message", None)
-    if record.exc_info:
-        if not record.exc_text:
-            fields["exc_text"] = _formatter.formatException(record.exc_info)
-        fields["exc_info"] = None
-    fields["parfn_pid"] = pid
-    fields["parfn_function"] = None if fn is None else getattr(fn, "__qualname__", repr(fn))
-    return fields
+_hook = _WhenLoggingLoads()
 
 
-def _picklable(fields: dict[str, Any]) -> dict[str, Any]:
-    """An attribute passed in ``extra`` that cannot travel goes as its repr."""
-    for key, value in fields.items():
-        try:
-            pickle.dumps(value)
-        except Exception:
-            fields[key] = repr(value)
-    return fields
-
-
-def _encode(record: logging.LogRecord) -> bytes:
-    fields = portable(record, _pid, _function)
-    if fields.get("processName") == "MainProcess":
-        # A worker forked by the pool's zygote, where multiprocessing is not
-        # loaded (logging's default) or names the process it was copied from.
-        fields["processName"] = "parfn-worker"
-    try:
-        return encode(Log(fields))
-    except Exception:
-        return encode(Log(_picklable(fields)))
-
-
-MAX_COLLECTED = 10_000
-"""The most records ``collected`` keeps of one task; it counts the others."""
-
-
-class _Collect(logging.Handler):
-    """Keeps the records one thread logs, ready to travel."""
-
-    def __init__(self, fn: Any) -> None:
-        super().__init__()
-        self.thread = threading.get_ident()
-        self.pid = os.getpid()
-        self.fn = fn
-        self.records: list[dict[str, Any]] = []
-        self.dropped = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread != self.thread:
-            return
-        if len(self.records) >= MAX_COLLECTED:
-            self.dropped += 1
-            return
-        try:
-            fields = portable(record, self.pid, self.fn)
-            pickle.dumps(fields)
-        except Exception:
-            fields = _picklable(fields)
-        self.records.append(fields)
-
-
-@contextlib.contextmanager
-def collected(fn: Any, levels: LogLevels | None = None) -> Iterator[list[dict[str, Any]]]:
-    """The records this thread logs inside the block (those its loggers make),
-    as ``portable`` dicts; past ``MAX_COLLECTED``, a last one says how many
-    more were dropped. ``levels``: the parent's, to take first (on a worker
-    that runs only this pool's tasks)."""
-    if levels is not None and levels != _applied[0]:
-        set_levels(levels)
-        _applied[0] = levels
-    handler = _Collect(fn)
-    logging.root.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        logging.root.removeHandler(handler)
-        if handler.dropped:
-            note = logging.makeLogRecord(
-                {
-                    "name": "parfn",
-                    "levelno": logging.WARNING,
-                    "levelname": "WARNING",
-                    "msg": f"{handler.dropped} more records of this task were dropped "
-                    f"(a task sends at most {MAX_COLLECTED} with its result)",
-                }
-            )
-            handler.records.append(portable(note, handler.pid, fn))
-
-
-_applied: list[LogLevels | None] = [None]
+def _unhook() -> None:
+    with contextlib.suppress(ValueError):
+        sys.meta_path.remove(_hook)
 
 
 # -- sys.stdout and sys.stderr -----------------------------------------------------------------
@@ -362,7 +280,7 @@ def _enable_faulthandler(path: str) -> None:
     except OSError:
         return
     file = os.fdopen(fd, "w")
-    _originals.append(file)  # faulthandler keeps only its descriptor
+    _originals.append(file)
     faulthandler.enable(file=file, all_threads=False)  # the thread that crashed
 
 
@@ -375,6 +293,6 @@ def _forked() -> None:
             sys.stdout = _streams[0]
         if sys.stderr is _streams[3]:
             sys.stderr = _streams[1]
-    for handler in list(logging.root.handlers):
-        if isinstance(handler, _Forward):
-            logging.root.removeHandler(handler)
+    _unhook()
+    if _logs is not None:
+        _logs.forget()

@@ -11,27 +11,27 @@ record carries ``parfn_event``, ``parfn_reason``, ``parfn_pid``,
 
 The library's logger has a ``NullHandler``, as libraries do: with logging
 not configured, nothing is printed; ``logging.basicConfig()`` shows them.
-Called with no lock of the pool held (handlers may be slow).
+Called with no lock of the pool held (handlers may be slow). ``logging`` is
+imported by the first event, not before (it costs ~2 ms of a program's start).
 """
 
 from __future__ import annotations
 
-import logging
+from .._typing import Any
 
 __all__ = ("REASONS", "task_timed_out", "worker_replaced")
 
-log = logging.getLogger("parfn")
-if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
-    log.addHandler(logging.NullHandler())
+WARNING, INFO = 30, 20
+"""``logging.WARNING`` and ``logging.INFO``."""
 
 REASONS: dict[str, tuple[int, str]] = {
     # reason: (level, what happened to the worker)
-    "crash": (logging.WARNING, "died"),
-    "timeout": (logging.WARNING, "was ended: its task ran past its timeout"),
-    "memory": (logging.WARNING, "was ended: it went over its memory limit during a task"),
-    "init": (logging.WARNING, "exited: its initializer raised"),
-    "cancel": (logging.INFO, "was ended to stop a cancelled task"),
-    "recycle": (logging.INFO, "was retired"),  # max_tasks_per_worker, or its memory after a task
+    "crash": (WARNING, "died"),
+    "timeout": (WARNING, "was ended: its task ran past its timeout"),
+    "memory": (WARNING, "was ended: it went over its memory limit during a task"),
+    "init": (WARNING, "exited: its initializer raised"),
+    "cancel": (INFO, "was ended to stop a cancelled task"),
+    "recycle": (INFO, "was retired"),  # max_tasks_per_worker, or its memory after a task
 }
 """Why a worker is replaced: the level of the record and how the message says it."""
 
@@ -46,7 +46,8 @@ def worker_replaced(
     replaced: bool = True,
 ) -> None:
     """Log that worker ``pid`` ended for ``reason`` (a key of ``REASONS``)."""
-    level, what = REASONS.get(reason, (logging.WARNING, "ended"))
+    level, what = REASONS.get(reason, (WARNING, "ended"))
+    log = _logger()
     if not log.isEnabledFor(level):
         return
     text = f"worker process {pid}"
@@ -75,4 +76,16 @@ def task_timed_out(function: str, timeout: float, detail: str) -> None:
         "parfn_exitcode": None,
         "parfn_function": function,
     }
-    log.warning("%s() ran past its timeout of %g s; %s", function, timeout, detail, extra=extra)
+    _logger().warning(
+        "%s() ran past its timeout of %g s; %s", function, timeout, detail, extra=extra
+    )
+
+
+def _logger() -> Any:
+    """``logging.getLogger("parfn")``, given its ``NullHandler`` the first time."""
+    import logging
+
+    log = logging.getLogger("parfn")
+    if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+    return log

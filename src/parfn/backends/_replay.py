@@ -16,11 +16,14 @@
 These run on the thread that reads a worker's pipe (the manager thread, or a
 caller waiting for a borrowed worker), before the results that follow in the
 pipe are delivered: what a task logged or printed shows before its result.
+
+``logging`` is not imported here until a worker sends a record (it costs ~2 ms
+of a program's start): until this process imports it, its loggers are
+logging's defaults.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from collections import deque
@@ -28,7 +31,14 @@ from collections import deque
 from .._typing import Any
 from .._wire.protocol import LogLevels, encode
 
-__all__ = ("TAIL_LINES", "WorkerOutput", "replay", "wanted_levels", "write_out")
+__all__ = (
+    "DEFAULT_LEVELS",
+    "TAIL_LINES",
+    "WorkerOutput",
+    "replay",
+    "wanted_levels",
+    "write_out",
+)
 
 TAIL_LINES = 10
 """How many of a worker's last stderr lines a crash report shows."""
@@ -40,6 +50,8 @@ MAX_PARTIAL = 1 << 16
 
 def replay(fields: dict[str, Any]) -> None:
     """Handle a worker's record with this process's logger of the same name."""
+    import logging
+
     try:
         name = fields.get("name")
         logger = logging.root if name in (None, "root") else logging.getLogger(name)
@@ -151,12 +163,22 @@ class Levels:
         self.frame = encode(message)
 
 
-_root_cache: Any = getattr(logging.root, "_cache", None)  # cleared in place, never replaced
+DEFAULT_LEVELS = Levels(LogLevels({"": 30}, 0))
+"""The levels of a process that has not imported ``logging``: its defaults
+(the root logger at WARNING, nothing disabled)."""
+
+_root_cache: Any = None  # the root logger's, cleared in place, never replaced
 
 
 def wanted_levels() -> Levels:
     """The levels set on this process's loggers now (the same object until they change)."""
+    global _root_cache
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return DEFAULT_LEVELS
     cache = _root_cache
+    if cache is None:
+        cache = _root_cache = getattr(logging.root, "_cache", None)
     if cache is not None:
         levels = cache.get(_KEY)
         if levels is not None:

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 from ... import _scope
 from ..._typing import Any
-from ..._wire.capture import collected
 from ..._wire.errors import RemoteError, SerializationError
 from ..._wire.execute import run_items
+from ..._wire.logs import collected
 from ..._wire.protocol import LogLevels
 from ..._wire.serialize import (
     ExceptionEnvelope,

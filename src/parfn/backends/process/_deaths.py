@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import CancelledError
 
 from ..._wire import errors
 from ..._wire.errors import TaskTimeout
@@ -90,7 +89,7 @@ def account_for_exit(pool: PoolState, worker: Worker) -> None:
         for work in works:
             state = work.state
             if reason is not None and reason[0] == "shutdown":
-                failures.append((state.job, work.lo, work.hi, CancelledError))
+                failures.append((state.job, work.lo, work.hi, errors.cancelled))
             elif work.run_id != run_id or blamed:
                 requeue.append(work)  # it had not started
             elif index == ANY_ITEM:
@@ -219,7 +218,7 @@ def blame(
         if (killed_run, killed_index) != (run_id, index):
             return None
         if why == "cancel":
-            return CancelledError
+            return errors.cancelled
         if why == "timeout":
             text = (
                 f"{fn_name(job)}() ran past its timeout of {job.options.timeout:g} s; "

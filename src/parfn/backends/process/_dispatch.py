@@ -22,10 +22,9 @@ import contextlib
 import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError
 
 from ..._typing import Any
-from ..._wire.errors import PoolClosed, SerializationError
+from ..._wire.errors import PoolClosed, SerializationError, cancelled
 from ..._wire.protocol import Batch, Define, Forget, Run, encode
 from ..._wire.serialize import describe_item_error, dump_function, dumps
 from .._base import Job
@@ -345,7 +344,7 @@ def cancel_everything(pool: PoolState) -> None:
     queued, pool._queue = pool._queue, deque()
     for work in queued:
         if not work.state.cancelled:
-            pool._pending_failures.append((work.state.job, work.lo, work.hi, CancelledError))
+            pool._pending_failures.append((work.state.job, work.lo, work.hi, cancelled))
     for worker in pool._workers:
         if worker.runs and worker.kill_reason is None:
             worker.kill_reason = ("shutdown", 0, -1)
@@ -367,5 +366,5 @@ def cancel_queued(pool: PoolState) -> None:
         if state.started:
             kept.append(work)
         else:
-            pool._pending_failures.append((state.job, work.lo, work.hi, CancelledError))
+            pool._pending_failures.append((state.job, work.lo, work.hi, cancelled))
     pool._queue = kept
