@@ -7,7 +7,6 @@ it the current pool of this context (``_scope``).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import threading
@@ -313,36 +312,38 @@ class Pool:
 
     def spawn(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
         """Submit ``fn(*args, **kwargs)`` and return its :class:`Task` at once."""
-        tasks = _tasks()
-        task: Task[R] = tasks.Task()
-        self._submit(fn, args, kwargs, functools.partial(tasks.TaskSink, task), wait=False)
+        task: Task[R] = _tasks().Task()
+        self._submit(fn, args, kwargs, task)
         return task
 
     def apply(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` on a worker and wait for its result."""
-        sink = self._submit(fn, args, kwargs, _CallSink, wait=True)
-        return sink.outcome()  # type: ignore[no-any-return]
+        return self._submit(fn, args, kwargs, None).outcome()  # type: ignore[no-any-return]
 
     def _submit(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        make_sink: Callable[[Backend, Tally, ErrorHook | None], Any],
-        wait: bool,
+        task: Task[Any] | None,
     ) -> Any:
-        """Hand the call to the backend, with the sink ``make_sink`` makes for its outcome."""
+        """Hand the call to the backend; its outcome goes to ``task``, or (None:
+        a blocking call) to the ``_CallSink`` returned, for the caller to wait on."""
         if self._closed and (replacement := self._replacement()) is not None:
-            return replacement._submit(fn, args, kwargs, make_sink, wait)
+            return replacement._submit(fn, args, kwargs, task)
         backend = self._check_open()
         plain, options = _unwrap(fn)
         check_call(plain, args, kwargs)
-        sink = make_sink(backend, self._tally, self._error_hook)
+        sink: Any
+        if task is None:
+            sink = _CallSink(backend, self._tally, self._error_hook)
+        else:
+            sink = _tasks().TaskSink(task, backend, self._tally, self._error_hook)
         sink.job = job = Job(plain, (args,), options, sink, kwargs=kwargs)
         self._tally.submit(1)
         # A backend may answer a blocking call on this thread (the process
         # pool talks to an idle worker directly).
-        submit_and_wait = getattr(backend, "submit_and_wait", None) if wait else None
+        submit_and_wait = getattr(backend, "submit_and_wait", None) if task is None else None
         try:
             if submit_and_wait is not None:
                 submit_and_wait(job)
@@ -352,7 +353,7 @@ class Pool:
             # Shut down since the check above; nothing was queued.
             if (replacement := self._replacement()) is None:
                 raise
-            return replacement._submit(fn, args, kwargs, make_sink, wait)
+            return replacement._submit(fn, args, kwargs, task)
         except KeyboardInterrupt:
             sink.cancel()
             raise
