@@ -278,6 +278,85 @@ def test_the_scripts_own_classes_come_back_as_themselves(tmp_path: Path, start_m
     assert out.splitlines() == ["caught bad 1", "True True", "[True]", "caught late 4"]
 
 
+OWN_ARGUMENTS = """
+import dataclasses
+import enum
+import sys
+
+import parfn
+
+METHOD = None if sys.argv[1] == "default" else sys.argv[1]
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+def init():
+    global SEEN
+    SEEN = "set by the initializer"
+
+
+def seen(_):
+    return SEEN
+
+
+def check(p):
+    return isinstance(p, Point), p.x
+
+
+def same(c):
+    return c is Color.RED
+
+
+def call(f):
+    return f(0)
+
+
+def describe(p):
+    return f"{p.x} {type(p).unit}"
+
+
+if __name__ == "__main__":
+    with parfn.Pool(2, start_method=METHOD, initializer=init) as pool:
+        print(pool.apply(check, Point(1)), pool.map(check, [Point(2), Point(3)]))
+        print(pool.apply(same, Color.RED), pool.map(same, [Color.RED]))
+        print(pool.apply(call, seen))  # a function of the script, passed as an argument
+
+        @dataclasses.dataclass
+        class Late:  # defined after the pool started: travels by value
+            x: int
+
+        Late.unit = "cm"
+        print(pool.apply(describe, Late(4)))
+        Late.unit = "m"  # changed since it was last sent: sent anew
+        print(pool.apply(describe, Late(5)))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", _scripts.SCRIPT_METHODS)
+def test_the_scripts_own_classes_and_functions_as_arguments(
+    tmp_path: Path, start_method: str
+) -> None:
+    """An argument of a class (or a function) the script defines is, in a
+    worker, the worker's own class (function), as ``multiprocessing`` passes
+    it: not a copy of it made by value (and a class the worker lacks comes by value)."""
+    lines = _scripts.run_script(tmp_path, OWN_ARGUMENTS, start_method).stdout.splitlines()
+    assert lines == [
+        "(True, 1) [(True, 2), (True, 3)]",
+        "True [True]",
+        "set by the initializer",
+        "4 cm",
+        "5 m",
+    ]
+
+
 CHUNKED_WITH_INITIALIZER = """
 import multiprocessing
 import sys

@@ -73,13 +73,19 @@ def prepare(pool: PoolState, job: Job) -> tuple[list[Work], dict[int, str]]:
     function = pickled_function(pool, job.fn)
     n = len(job.items)
     try:
-        data = dumps((job.star, job.kwargs, job.items), "the arguments", shm="many")
+        data = dumps(
+            (job.star, job.kwargs, job.items),
+            "the arguments",
+            shm="many",
+            to_script=True,
+            forked_with=pool._forked_with,
+        )
         bad: dict[int, str] = {}
     except SerializationError as exc:
         if n == 1:
             args, kwargs = job.call_args(0)
             raise SerializationError(describe_item_error(args, kwargs, exc)) from exc.__cause__
-        data, bad = _pack_good_items(job)
+        data, bad = _pack_good_items(pool, job)
     state = JobState(job, function, data)
     works = []
     lo = 0
@@ -139,17 +145,24 @@ def _forgetter(pool: PoolState, key: int) -> Callable[[Any], None]:
     return forget
 
 
-def _pack_good_items(job: Job) -> tuple[bytes, dict[int, str]]:
+def _pack_good_items(pool: PoolState, job: Job) -> tuple[bytes, dict[int, str]]:
     """Pickle the items that can be; say why each of the others cannot."""
     bad: dict[int, str] = {}
     items = list(job.items)
     for i in range(len(items)):
         try:
-            dumps(items[i])
+            dumps(items[i], to_script=True, forked_with=pool._forked_with)
         except SerializationError as exc:
             bad[i] = describe_item_error(*job.call_args(i), exc)
             items[i] = ()  # a placeholder that never runs
-    return dumps((job.star, job.kwargs, items), "the arguments", shm="many"), bad
+    data = dumps(
+        (job.star, job.kwargs, items),
+        "the arguments",
+        shm="many",
+        to_script=True,
+        forked_with=pool._forked_with,
+    )
+    return data, bad
 
 
 # -- sending (caller holds _lock) ----------------------------------------------------------

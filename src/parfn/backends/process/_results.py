@@ -97,7 +97,12 @@ def isolate(pool: PoolState, work: Work) -> None:
     works = []
     for i in range(work.lo, work.hi):
         job = state.job
-        data = dumps((job.star, job.kwargs, {i: job.items[i]}), shm="many")
+        data = dumps(
+            (job.star, job.kwargs, {i: job.items[i]}),
+            shm="many",
+            to_script=True,
+            forked_with=pool._forked_with,
+        )
         alone = JobState(job, state.function, data)
         alone.started = True
         works.append(Work(alone, i, i + 1, work.retries))
