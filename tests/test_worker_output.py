@@ -99,6 +99,9 @@ import parfn
 
 @parfn.parallel
 def work(x):
+    import importlib.util
+
+    assert importlib.util.find_spec("logging")  # looked for, not imported
     import logging  # the worker's first import of it
 
     logging.getLogger("app").info("info %d", x)
@@ -137,6 +140,33 @@ def test_a_worker_forwards_logging_from_its_first_import(tmp_path: Path, method:
         "INFO app work: info 2",
         "results [0, 10] 20",
     ], lines
+
+
+NESTED_POOL_LOGGING_SCRIPT = """
+import logging
+import sys
+import parfn
+
+def leaf(x):
+    logging.getLogger("leaf").warning("leaf %d", x)
+    return x
+
+def inner(x):
+    with parfn.Pool(1, start_method="fork") as pool:  # a pool of the worker's own
+        return pool.map(leaf, [x, x + 1])
+
+if __name__ == "__main__":
+    logging.basicConfig(format="FWD %(name)s: %(message)s", stream=sys.stdout)
+    method = sys.argv[1]
+    with parfn.Pool(1, start_method=None if method == "default" else method) as pool:
+        print("inner", pool.apply(inner, 10))
+"""
+
+
+@pytest.mark.parametrize("method", _scripts.SCRIPT_METHODS)
+def test_a_pool_in_a_task_forwards_its_workers_logs(tmp_path: Path, method: str) -> None:
+    lines = run_script(tmp_path, NESTED_POOL_LOGGING_SCRIPT, method).stdout.splitlines()
+    assert lines == ["FWD leaf: leaf 10", "FWD leaf: leaf 11", "inner [10, 11]"], lines
 
 
 CRASH_SCRIPT = """

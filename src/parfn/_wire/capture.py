@@ -79,6 +79,8 @@ def running(fn: Any) -> None:
     """Records logged from now on name ``fn`` as their ``parfn_function``."""
     global _function
     _function = fn
+    if _logs is None and "logging" in sys.modules:  # loaded past ``_WhenLoggingLoads``
+        _take_over_logging()
 
 
 def end_of_batch() -> None:
@@ -135,14 +137,19 @@ def _post_record(frame: bytes) -> None:
 
 class _WhenLoggingLoads:
     """A meta path finder that finds nothing itself: when ``logging`` is
-    first imported, it has the finders after it find it, and the module, once
-    it has run, forwards its records (``_take_over_logging``)."""
+    looked for, it has the finders after it find it, and the module, if it is
+    then loaded, forwards its records once it has run (``_take_over_logging``).
+
+    (A finder put before it that finds ``logging`` itself, or a loading that
+    passes no finder, escapes it: ``running`` then takes over at the next task.)
+    """
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name != "logging":
             return None
-        _unhook()
         for finder in sys.meta_path:
+            if finder is self:
+                continue
             find = getattr(finder, "find_spec", None)
             spec = None if find is None else find(name, path, target)
             if spec is not None:
@@ -165,6 +172,7 @@ class _ThenTakeOver:
 
     def exec_module(self, module: Any) -> None:
         module.__loader__ = module.__spec__.loader = self.loader  # as if never wrapped
+        _unhook()
         self.loader.exec_module(module)
         if os.getpid() == _pid:
             _take_over_logging()
@@ -285,8 +293,9 @@ def _enable_faulthandler(path: str) -> None:
 
 
 def _forked() -> None:
-    """In a child a task forked: the worker's own streams and handlers again."""
-    global _send
+    """In a child a task forked: the worker's own streams and handlers again
+    (and, if it becomes a worker of a pool of its own, ``install`` anew)."""
+    global _send, _logs, _pending_levels
     _send = None
     if _streams is not None:
         if sys.stdout is _streams[2]:
@@ -296,3 +305,4 @@ def _forked() -> None:
     _unhook()
     if _logs is not None:
         _logs.forget()
+    _logs = _pending_levels = None
