@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.machinery
 import inspect
 import itertools
 import pickle
+import sys
 import threading
 import time
+import types
+from pathlib import Path
 
 import pytest
 
 import parfn
 from parfn import parallel
 
-from . import funcs
+from . import _scripts, funcs
 
 T = 30  # seconds: every wait in a test is bounded
 
@@ -463,3 +467,68 @@ def test_progress_true_draws_on_stderr(
 def test_a_bad_progress_value_fails_before_any_work(pool: parfn.Pool) -> None:
     with pytest.raises(TypeError, match="progress"):
         pool.map(funcs.square, range(3), progress="yes")
+
+
+# -- first calls from many threads at once ----------------------------------------------
+
+THREADS_FIRST_CALLS = """
+import sys
+import threading
+
+import parfn
+
+METHOD = None if sys.argv[1] == "default" else sys.argv[1]
+
+
+@parfn.parallel
+def double(x):
+    return 2 * x
+
+
+def call(i, out):
+    try:
+        if METHOD is None:  # the default pool, started by whichever call comes first
+            out[i] = double.apply(i)
+        else:  # a pool of each thread's own
+            with parfn.Pool(1, start_method=METHOD) as pool:
+                out[i] = pool.apply(double, i)
+    except Exception as exc:
+        out[i] = repr(exc)
+
+
+if __name__ == "__main__":
+    n = 20 if METHOD is None else 4
+    out = {}
+    threads = [threading.Thread(target=call, args=(i, out)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(sorted(out.items()) == [(i, 2 * i) for i in range(n)] or out)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", _scripts.SCRIPT_METHODS)
+def test_first_calls_from_many_threads_at_once(tmp_path: Path, method: str) -> None:
+    # Each thread's first call imports parfn's modules while the others do.
+    out = _scripts.run_script(tmp_path, THREADS_FIRST_CALLS, method).stdout
+    assert out == "True\n"
+
+
+def test_a_module_half_imported_by_another_thread_is_not_read_as_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What those first calls met, 1 run in 8: a module in sys.modules that
+    # another thread is still importing, without its names yet.
+    from parfn._wire.errors import is_cancelled
+    from parfn.backends._replay import DEFAULT_LEVELS, wanted_levels
+
+    half = types.ModuleType("half")
+    half.__spec__ = importlib.machinery.ModuleSpec("half", None)
+    half.__spec__._initializing = True  # type: ignore[attr-defined]
+    for name in ("parfn.backends.process._worker", "concurrent.futures._base", "logging"):
+        monkeypatch.setitem(sys.modules, name, half)
+    assert parfn.in_worker() is False
+    assert is_cancelled(ValueError()) is False
+    assert wanted_levels() is DEFAULT_LEVELS

@@ -52,8 +52,9 @@ def in_worker() -> bool:
     >>> parfn.in_worker()
     False
     """
+    # (Read with a default: another thread of this process may be importing it.)
     worker = sys.modules.get("parfn.backends.process._worker")
-    return bool(worker is not None and worker.IN_WORKER)
+    return bool(getattr(worker, "IN_WORKER", False))
 
 
 def current_pool() -> Pool:

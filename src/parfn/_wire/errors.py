@@ -311,5 +311,6 @@ def cancelled() -> BaseException:
 
 def is_cancelled(error: BaseException) -> bool:
     """Whether ``error`` is a ``concurrent.futures.CancelledError``."""
-    futures = sys.modules.get("concurrent.futures._base")
-    return futures is not None and isinstance(error, futures.CancelledError)
+    # (Read with a default: another thread may be importing the module.)
+    cancelled = getattr(sys.modules.get("concurrent.futures._base"), "CancelledError", None)
+    return cancelled is not None and isinstance(error, cancelled)

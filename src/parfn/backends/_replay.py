@@ -174,8 +174,8 @@ def wanted_levels() -> Levels:
     """The levels set on this process's loggers now (the same object until they change)."""
     global _root_cache
     logging = sys.modules.get("logging")
-    if logging is None:
-        return DEFAULT_LEVELS
+    if logging is None or getattr(logging.__spec__, "_initializing", False):
+        return DEFAULT_LEVELS  # not loaded, or being loaded by another thread
     cache = _root_cache
     if cache is None:
         cache = _root_cache = getattr(logging.root, "_cache", None)
