@@ -532,3 +532,19 @@ def test_a_module_half_imported_by_another_thread_is_not_read_as_loaded(
     assert parfn.in_worker() is False
     assert is_cancelled(ValueError()) is False
     assert wanted_levels() is DEFAULT_LEVELS
+
+
+def _interrupted() -> None:
+    raise KeyboardInterrupt
+
+
+def test_an_apply_interrupted_by_ctrl_c_counts_as_cancelled() -> None:
+    # The serial backend runs the call where apply waits: Ctrl-C there
+    # interrupts it, and no outcome ever comes. (Ctrl-C while apply waits on
+    # a process or a thread: tests/test_signals.py.)
+    with parfn.Pool(1, backend="serial") as pool:
+        with pytest.raises(KeyboardInterrupt):
+            pool.apply(_interrupted)
+        assert pool.apply(abs, -2) == 2
+        stats = pool.stats()
+    assert (stats.submitted, stats.done, stats.cancelled, stats.queued) == (2, 1, 1, 0), stats

@@ -95,10 +95,14 @@ class _CallSink:
         return self.value
 
     def cancel(self) -> None:
-        """The caller stopped waiting (Ctrl-C): drop or stop the call."""
+        """The caller stopped waiting (Ctrl-C): drop or stop the call. It counts
+        as cancelled unless its outcome came first (a backend that cannot stop
+        a running call lets it finish unobserved; the serial backend's was
+        interrupted where it ran)."""
         self.stopped = True
         job = self.job
-        if job is not None and self.backend.cancel(job):
+        if job is not None:
+            self.backend.cancel(job)
             self.tally.task(self, "", CANCELLED, 0.0)
 
 
