@@ -391,3 +391,39 @@ def test_the_executors_chunked_map_sees_the_initializers_globals(
     worker's globals, chunked or not."""
     out = _scripts.run_script(tmp_path, CHUNKED_WITH_INITIALIZER, start_method).stdout
     assert out.splitlines() == ["[100, 101, 102, 103, 104, 105]"]
+
+
+UNSENDABLE_IN_GUARD = """
+import sys
+import threading
+
+import parfn
+
+METHOD = None if sys.argv[1] == "default" else sys.argv[1]
+
+if __name__ == "__main__":
+    LOCK = threading.Lock()
+
+    def guarded(x):  # inside the guard: a spawned worker's __main__ lacks it
+        with LOCK:
+            return x
+
+    with parfn.Pool(1, start_method=METHOD) as pool:
+        try:
+            print(pool.apply(guarded, 1))
+        except parfn.SerializationError as exc:
+            print(exc)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", _scripts.SCRIPT_METHODS)
+def test_a_function_a_worker_lacks_and_that_cannot_travel_says_why(
+    tmp_path: Path, start_method: str
+) -> None:
+    out = _scripts.run_script(tmp_path, UNSENDABLE_IN_GUARD, start_method).stdout
+    if start_method in ("default", "fork"):
+        assert out == "1\n"  # a forked worker has it, lock and all
+    else:
+        assert "__main__ has no function 'guarded' here" in out, out
+        assert "(TypeError: cannot pickle '_thread.lock' object)" in out, out

@@ -526,9 +526,9 @@ def _build_script_pickler(base: Any) -> Any:
                 main = sys.modules["__main__"]
                 if _named_in_main(obj, main):
                     try:
-                        fallback: bytes | None = _dumps_with(_ByValuePickler, obj)
-                    except Exception:
-                        fallback = None  # it uses something unpicklable: by reference only
+                        fallback: bytes | str = _dumps_with(_ByValuePickler, obj)
+                    except Exception as exc:  # it uses something unpicklable: by name only
+                        fallback = _why(exc)
                     code = marshal.dumps(obj.__code__)
                     return (_from_main, (obj.__qualname__, code, fallback))
             elif (
@@ -542,8 +542,8 @@ def _build_script_pickler(base: Any) -> Any:
     return ScriptPickler
 
 
-def _class_copy(cls: type) -> bytes | None:
-    """The script's class ``cls`` by value (None if it cannot be), for a worker
+def _class_copy(cls: type) -> bytes | str:
+    """The script's class ``cls`` by value (or why it cannot be), for a worker
     that lacks it: made once, and again only if an attribute of the class is
     rebound (a class travels with every call that has an instance of it, and
     this copy takes ~0.2 ms)."""
@@ -552,17 +552,23 @@ def _class_copy(cls: type) -> bytes | None:
     if known is not None and known[0] == key:
         return known[1]
     try:
-        copy: bytes | None = _dumps_with(_ByValuePickler, cls)
-    except Exception:
-        copy = None
+        copy: bytes | str = _dumps_with(_ByValuePickler, cls)
+    except Exception as exc:
+        copy = _why(exc)
     with contextlib.suppress(TypeError):  # (a class that cannot be weakly referenced)
         _class_copies[cls] = (key, copy)
     return copy
 
 
-_class_copies: weakref.WeakKeyDictionary[type, tuple[Any, bytes | None]] = (
+_class_copies: weakref.WeakKeyDictionary[type, tuple[Any, bytes | str]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _why(exc: BaseException) -> str:
+    """Why a copy by value failed, for the error a worker raises if it needs it."""
+    return f"{type(exc).__name__}: {exc}"
+
 
 _ByValuePickler = _LazyPickler(_build_by_value_pickler)
 _ScriptPickler = _LazyPickler(_build_script_pickler)
@@ -605,7 +611,7 @@ def _setstate_into_main(fn: Any, state: tuple[dict[str, Any], dict[str, Any]]) -
         target["__builtins__"] = builtins
 
 
-def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
+def _from_main(qualname: str, code: bytes, fallback: bytes | str) -> Any:
     """In a worker: the function ``__main__`` names ``qualname``, if it has the same code.
 
     The worker's ``__main__`` is the script (a forked copy of the caller's, or
@@ -626,11 +632,11 @@ def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
             return found
     except Exception:
         pass
-    if fallback is None:
+    if isinstance(fallback, str):
         raise LookupError(
             f"__main__ has no function {qualname!r} here, and it could not be sent by value "
-            "(it uses something that cannot be pickled): define it at the top level of the "
-            "script, outside the `if __name__ == '__main__':` block"
+            f"({fallback}): define it at the top level of the script, outside the "
+            "`if __name__ == '__main__':` block"
         )
     fn = _IntoMainUnpickler(io.BytesIO(fallback)).load()
     if "." not in qualname:
@@ -639,7 +645,7 @@ def _from_main(qualname: str, code: bytes, fallback: bytes | None) -> Any:
     return fn
 
 
-def _class_from_main(qualname: str, fallback: bytes | None) -> type:
+def _class_from_main(qualname: str, fallback: bytes | str) -> type:
     """In a worker: the class ``__main__`` names ``qualname`` (the script's, as
     ``multiprocessing`` finds it), else the copy by value made in the caller."""
     found: Any = sys.modules["__main__"]
@@ -650,10 +656,10 @@ def _class_from_main(qualname: str, fallback: bytes | None) -> type:
             return found
     except Exception:
         pass
-    if fallback is None:
+    if isinstance(fallback, str):
         raise LookupError(
-            f"__main__ has no class {qualname!r} here, and it could not be sent by value: "
-            "define it at the top level of the script, outside the "
+            f"__main__ has no class {qualname!r} here, and it could not be sent by value "
+            f"({fallback}): define it at the top level of the script, outside the "
             "`if __name__ == '__main__':` block"
         )
     cls: type = _IntoMainUnpickler(io.BytesIO(fallback)).load()
