@@ -283,7 +283,22 @@ def cold(code: str, p: dict[str, Any], script: bool = False) -> Result:
         samples.append((time.perf_counter() - t0) * 1e3)
         if proc.returncode != 0:
             return {"status": "error", "error": err.decode(errors="replace")[-500:]}
+        _let_leftovers_exit(proc.pid)
     return _ok(samples, "ms")
+
+
+def _let_leftovers_exit(group: int, cap_s: float = 5.0) -> None:
+    """Wait until no process of the start's session is left (workers some
+    peers leave to exit after their parent): the next start, of whichever
+    system, must not share the CPUs with them. (They are not this process's
+    children: nothing to wait on but the group's existence.)"""
+    deadline = time.monotonic() + cap_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.005)
 
 
 POOL_WORKLOADS: dict[str, Callable[[System, dict[str, Any]], Result]] = {
