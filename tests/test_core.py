@@ -548,32 +548,3 @@ def test_an_apply_interrupted_by_ctrl_c_counts_as_cancelled() -> None:
         assert pool.apply(abs, -2) == 2
         stats = pool.stats()
     assert (stats.submitted, stats.done, stats.cancelled, stats.queued) == (2, 1, 1, 0), stats
-
-
-PICKLED_PARALLEL = """
-import multiprocessing
-import pickle
-import sys
-
-from parfn import parallel
-
-METHOD = None if sys.argv[1] == "default" else sys.argv[1]
-
-
-@parallel
-def square(x):
-    return x * x
-
-
-if __name__ == "__main__":
-    print(pickle.loads(pickle.dumps(square)) is square)
-    with multiprocessing.get_context(METHOD).Pool(2) as pool:  # the standard library's
-        print(pool.map(square, [1, 2, 3]))
-"""
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("method", _scripts.SCRIPT_METHODS)
-def test_a_scripts_parallel_pickles_for_the_standard_library(tmp_path: Path, method: str) -> None:
-    out = _scripts.run_script(tmp_path, PICKLED_PARALLEL, method).stdout
-    assert out.splitlines() == ["True", "[1, 4, 9]"]

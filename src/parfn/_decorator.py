@@ -59,25 +59,16 @@ class Parallel(Generic[P, R]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A module-level one by reference (its module holds it, not the plain
-        # function); one the script names, by name with a copy by value (the
-        # plain function cannot be pickled by name: the name holds this);
-        # others, lambdas included, by value.
+        # function); others, lambdas and ``__main__`` included, by value.
         from ._wire.serialize import resolve  # here: decorating must not load the wire
 
         module, qualname = self.__module__, self.__qualname__
-        try:
-            if resolve(module, qualname) is self:
-                if module != "__main__":
+        if module != "__main__":
+            try:
+                if resolve(module, qualname) is self:
                     return (resolve, (module, qualname))
-                import marshal
-
-                import cloudpickle
-
-                code = marshal.dumps(self.__wrapped__.__code__)
-                copy = cloudpickle.dumps(self.__wrapped__)
-                return (_from_script, (qualname, code, copy, self._parfn_options))
-        except Exception:
-            pass
+            except Exception:
+                pass
         return (Parallel, (self.__wrapped__, self._parfn_options))
 
     def options(
@@ -197,24 +188,6 @@ class Parallel(Generic[P, R]):
         return _runtime.current_pool().imap_unordered(
             self, *iterables, chunksize=chunksize, progress=progress
         )
-
-
-def _from_script(qualname: str, code: bytes, copy: bytes, options: Options) -> Parallel[..., Any]:
-    """Unpickling a ``Parallel`` the script names: the receiver's own, if its
-    ``__main__`` has it with the same code (a ``multiprocessing`` worker's
-    does), else one of the copy."""
-    import marshal
-    import pickle
-
-    from ._wire.serialize import resolve
-
-    try:
-        found = resolve("__main__", qualname)
-        if isinstance(found, Parallel) and found.__wrapped__.__code__ == marshal.loads(code):
-            return found
-    except Exception:
-        pass
-    return Parallel(pickle.loads(copy), options)
 
 
 @overload
