@@ -322,6 +322,19 @@ def describe(p):
     return f"{p.x} {type(p).unit}"
 
 
+@dataclasses.dataclass
+class Rec:
+    a: int
+
+
+def fields(r):
+    return [f.name for f in dataclasses.fields(r)], type(r) is Rec
+
+
+def ks(a, b):
+    return type(a).k, type(b).k
+
+
 if __name__ == "__main__":
     with parfn.Pool(2, start_method=METHOD, initializer=init) as pool:
         print(pool.apply(check, Point(1)), pool.map(check, [Point(2), Point(3)]))
@@ -336,6 +349,25 @@ if __name__ == "__main__":
         print(pool.apply(describe, Late(4)))
         Late.unit = "m"  # changed since it was last sent: sent anew
         print(pool.apply(describe, Late(5)))
+
+        print(pool.apply(fields, Rec(1)))
+
+        @dataclasses.dataclass
+        class Rec:  # redefined: the worker's Rec is another class now
+            a: int
+            b: int
+
+        print(pool.apply(fields, Rec(1, 2)))
+
+        class Base:
+            k = 1
+
+        class Sub(Base):
+            pass
+
+        print(pool.apply(ks, Base(), Sub()))
+        Base.k = 2  # Sub's copy, made before, must not bring back k = 1
+        print(pool.apply(ks, Sub(), Base()), pool.apply(ks, Base(), Sub()))
 """
 
 
@@ -354,6 +386,10 @@ def test_the_scripts_own_classes_and_functions_as_arguments(
         "set by the initializer",
         "4 cm",
         "5 m",
+        "(['a'], True)",
+        "(['a', 'b'], False)",
+        "(1, 1)",
+        "(2, 2) (2, 2)",
     ]
 
 

@@ -429,7 +429,7 @@ class _MainRefPickler(pickle.Pickler):
                 return (_from_snapshot, (self.token, obj.__qualname__))
             if not _named_in_main(obj, self.main):
                 raise _NeedsCloudpickle  # a class made in a function: by value
-            return (_class_from_main, (obj.__qualname__, _class_copy(obj)))
+            return (_class_from_main, (obj.__qualname__, *_class_copy(obj)))
         return NotImplemented
 
 
@@ -536,18 +536,26 @@ def _build_script_pickler(base: Any) -> Any:
                 and obj.__module__ == "__main__"
                 and _named_in_main(obj, sys.modules["__main__"])
             ):
-                return (_class_from_main, (obj.__qualname__, _class_copy(obj)))
+                return (_class_from_main, (obj.__qualname__, *_class_copy(obj)))
             return super().reducer_override(obj)
 
     return ScriptPickler
 
 
-def _class_copy(cls: type) -> bytes | str:
-    """The script's class ``cls`` by value (or why it cannot be), for a worker
-    that lacks it: made once, and again only if an attribute of the class is
-    rebound (a class travels with every call that has an instance of it, and
-    this copy takes ~0.2 ms)."""
-    key = tuple((name, id(value)) for name, value in list(vars(cls).items()))
+def _class_copy(cls: type) -> tuple[bytes, bytes | str]:
+    """The script's class ``cls`` for a worker: its methods' code, to tell the
+    worker's class of that name is the same (``_class_code``), and ``cls`` by
+    value (or why it cannot be), for a worker that lacks it.
+
+    Made once, and again only if an attribute of the class or of a base class
+    of the script is rebound (a class travels with every call that has an
+    instance of it, and this copy takes ~0.2 ms).
+    """
+    key = tuple(
+        (id(c), tuple((name, id(value)) for name, value in list(vars(c).items())))
+        for c in cls.__mro__
+        if c.__module__ == "__main__"
+    )
     known = _class_copies.get(cls)
     if known is not None and known[0] == key:
         return known[1]
@@ -555,14 +563,35 @@ def _class_copy(cls: type) -> bytes | str:
         copy: bytes | str = _dumps_with(_ByValuePickler, cls)
     except Exception as exc:
         copy = _why(exc)
+    try:
+        code = marshal.dumps(_class_code(cls))
+    except Exception:  # (code that marshal cannot take: never the same, then)
+        code = b""
     with contextlib.suppress(TypeError):  # (a class that cannot be weakly referenced)
-        _class_copies[cls] = (key, copy)
-    return copy
+        _class_copies[cls] = (key, (code, copy))
+    return code, copy
 
 
-_class_copies: weakref.WeakKeyDictionary[type, tuple[Any, bytes | str]] = (
+_class_copies: weakref.WeakKeyDictionary[type, tuple[Any, tuple[bytes, bytes | str]]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _class_code(cls: type) -> tuple[tuple[str, types.CodeType], ...]:
+    """The code of a class's methods (static and class methods, and
+    properties' getters, included), by name: what tells a class redefined
+    since from the one a worker has. (Its other attributes are like a
+    module's globals: a worker has its own.)"""
+    found = []
+    for name, value in list(vars(cls).items()):
+        try:
+            value = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+            code = getattr(value, "__code__", None)
+        except Exception:
+            continue
+        if isinstance(code, types.CodeType):
+            found.append((name, code))
+    return tuple(found)
 
 
 def _why(exc: BaseException) -> str:
@@ -645,14 +674,16 @@ def _from_main(qualname: str, code: bytes, fallback: bytes | str) -> Any:
     return fn
 
 
-def _class_from_main(qualname: str, fallback: bytes | str) -> type:
+def _class_from_main(qualname: str, code: bytes, fallback: bytes | str) -> type:
     """In a worker: the class ``__main__`` names ``qualname`` (the script's, as
-    ``multiprocessing`` finds it), else the copy by value made in the caller."""
+    ``multiprocessing`` finds it) if its methods have the same code, else the
+    copy by value made in the caller (defined after the worker started, inside
+    the ``__main__`` guard, or redefined since)."""
     found: Any = sys.modules["__main__"]
     try:
         for part in qualname.split("."):
             found = getattr(found, part)
-        if isinstance(found, type):
+        if isinstance(found, type) and _class_code(found) == marshal.loads(code):
             return found
     except Exception:
         pass
