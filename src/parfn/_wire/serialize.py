@@ -674,6 +674,10 @@ def _from_main(qualname: str, code: bytes, fallback: bytes | str) -> Any:
     return fn
 
 
+_same_code: weakref.WeakKeyDictionary[type, bytes] = weakref.WeakKeyDictionary()
+"""In a worker: its classes found to have the code the caller sent (the last such)."""
+
+
 def _class_from_main(qualname: str, code: bytes, fallback: bytes | str) -> type:
     """In a worker: the class ``__main__`` names ``qualname`` (the script's, as
     ``multiprocessing`` finds it) if its methods have the same code, else the
@@ -683,8 +687,12 @@ def _class_from_main(qualname: str, code: bytes, fallback: bytes | str) -> type:
     try:
         for part in qualname.split("."):
             found = getattr(found, part)
-        if isinstance(found, type) and _class_code(found) == marshal.loads(code):
-            return found
+        if isinstance(found, type):
+            if _same_code.get(found) == code:
+                return found
+            if _class_code(found) == marshal.loads(code):
+                _same_code[found] = code
+                return found
     except Exception:
         pass
     if isinstance(fallback, str):
