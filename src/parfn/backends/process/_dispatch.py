@@ -26,10 +26,10 @@ from collections.abc import Callable
 from ..._typing import Any
 from ..._wire.errors import PoolClosed, SerializationError, cancelled
 from ..._wire.protocol import Batch, Define, Forget, Run, encode
-from ..._wire.serialize import describe_item_error, dump_function, dumps
+from ..._wire.serialize import describe_item_error, dump_function
 from .._base import Job
 from .._replay import wanted_levels
-from ._state import JobState, PickledFunction, PoolState, Work, Worker
+from ._state import JobState, PickledFunction, PoolState, Work, Worker, dump_arguments
 
 __all__ = (
     "FAST_ITEM",
@@ -73,13 +73,7 @@ def prepare(pool: PoolState, job: Job) -> tuple[list[Work], dict[int, str]]:
     function = pickled_function(pool, job.fn)
     n = len(job.items)
     try:
-        data = dumps(
-            (job.star, job.kwargs, job.items),
-            "the arguments",
-            shm="many",
-            to_script=True,
-            forked_with=pool._forked_with,
-        )
+        data = dump_arguments(pool, (job.star, job.kwargs, job.items), "the arguments", "many")
         bad: dict[int, str] = {}
     except SerializationError as exc:
         if n == 1:
@@ -151,18 +145,11 @@ def _pack_good_items(pool: PoolState, job: Job) -> tuple[bytes, dict[int, str]]:
     items = list(job.items)
     for i in range(len(items)):
         try:
-            dumps(items[i], to_script=True, forked_with=pool._forked_with)
+            dump_arguments(pool, items[i])
         except SerializationError as exc:
             bad[i] = describe_item_error(*job.call_args(i), exc)
             items[i] = ()  # a placeholder that never runs
-    data = dumps(
-        (job.star, job.kwargs, items),
-        "the arguments",
-        shm="many",
-        to_script=True,
-        forked_with=pool._forked_with,
-    )
-    return data, bad
+    return dump_arguments(pool, (job.star, job.kwargs, items), "the arguments", "many"), bad
 
 
 # -- sending (caller holds _lock) ----------------------------------------------------------

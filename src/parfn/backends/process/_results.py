@@ -14,9 +14,8 @@ from __future__ import annotations
 from ..._typing import Any
 from ..._wire.errors import SerializationError
 from ..._wire.protocol import Results
-from ..._wire.serialize import dumps
 from ..._wire.shm import release
-from ._state import JobState, PoolState, Work, Worker, load_result
+from ._state import JobState, PoolState, Work, Worker, dump_arguments, load_result
 
 __all__ = ("deliver", "deliver_one", "isolate", "on_results")
 
@@ -97,12 +96,7 @@ def isolate(pool: PoolState, work: Work) -> None:
     works = []
     for i in range(work.lo, work.hi):
         job = state.job
-        data = dumps(
-            (job.star, job.kwargs, {i: job.items[i]}),
-            shm="many",
-            to_script=True,
-            forked_with=pool._forked_with,
-        )
+        data = dump_arguments(pool, (job.star, job.kwargs, {i: job.items[i]}), shm="many")
         alone = JobState(job, state.function, data)
         alone.started = True
         works.append(Work(alone, i, i + 1, work.retries))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from ..._typing import Any
 from ..._wire.errors import SerializationError
 from ..._wire.protocol import SLOT_INDEX, SLOT_JOB, SLOT_START
-from ..._wire.serialize import loads
+from ..._wire.serialize import dumps, loads
 from ..._wire.shm import has_segments, release
 from .._base import Job
 from .._replay import WorkerOutput
@@ -33,6 +33,7 @@ __all__ = (
     "Work",
     "Worker",
     "describe_exit",
+    "dump_arguments",
     "fn_name",
     "load_result",
     "parent_fds",
@@ -243,6 +244,13 @@ class PoolState:
             parent_fds.difference_update((self._wakeup_r, self._wakeup_w))
             os.close(self._wakeup_r)
             os.close(self._wakeup_w)
+
+
+def dump_arguments(pool: PoolState, obj: Any, what: str = "the value", shm: Any = None) -> bytes:
+    """Pickle arguments for the pool's workers, whose ``__main__`` is the
+    script: its functions and classes go by name (into the snapshot the
+    workers were forked after, if any), as ``multiprocessing`` sends them."""
+    return dumps(obj, what, shm=shm, to_script=True, forked_with=pool._forked_with)
 
 
 def load_result(payload: bytes) -> Any:
