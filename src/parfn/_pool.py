@@ -16,9 +16,9 @@ from types import TracebackType
 from . import _scope
 from ._callcheck import check_call
 from ._mapping import MapIterator, MapRun
-from ._stats import CANCELLED, DONE, FAILED, PoolStats, Tally
+from ._stats import CANCELLED, FAILED, PoolStats, Tally
 from ._typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
-from ._wire.errors import PoolClosed, is_cancelled
+from ._wire.errors import PoolClosed
 from .backends import BACKENDS, load
 from .backends._base import Backend, Item, Job, Options
 
@@ -67,9 +67,7 @@ class _CallSink:
         if job is None:
             return  # delivered already (a stopped call's CancelledError)
         error = errors.get(lo)
-        outcome = DONE if error is None else CANCELLED if is_cancelled(error) else FAILED
-        name = getattr(job.fn, "__qualname__", None) or repr(job.fn)
-        self.tally.task(self, name, outcome, elapsed)
+        outcome = self.tally.call(self, job.fn, error, elapsed)
         if error is None:
             self.value = values[0]
         else:

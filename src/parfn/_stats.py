@@ -174,6 +174,13 @@ class Tally:
         if len(events) > _FOLD:
             self._fold()
 
+    def call(self, owner: Any, fn: Any, error: BaseException | None, elapsed: float) -> int:
+        """A single call of ``fn`` ended: done (``error`` None), cancelled (a
+        ``CancelledError``) or failed. Counts it as ``task`` does; returns which."""
+        outcome = DONE if error is None else CANCELLED if is_cancelled(error) else FAILED
+        self.task(owner, getattr(fn, "__qualname__", None) or repr(fn), outcome, elapsed)
+        return outcome
+
     def _fold(self) -> None:
         with self._lock:
             self._add_up()

@@ -14,7 +14,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Generator
-from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import (
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -303,19 +303,11 @@ class TaskSink:
         job, self.job = self.job, None
         error = errors.get(lo)
         # Counted before the task is done: whoever waits for it sees it counted.
-        fn = job.fn if job is not None else None
-        outcome = (
-            _stats.DONE
-            if error is None
-            else _stats.CANCELLED
-            if isinstance(error, CancelledError)
-            else _stats.FAILED
-        )
-        self.tally.task(self, getattr(fn, "__qualname__", None) or repr(fn), outcome, elapsed)
+        outcome = self.tally.call(self, job.fn if job is not None else None, error, elapsed)
         try:
             if error is None:
                 task.set_result(values[0])
-            elif isinstance(error, CancelledError):
+            elif outcome == _stats.CANCELLED:
                 task._cancel_from_pool()
             else:
                 if self.error_hook is not None:
